@@ -1,0 +1,41 @@
+"""The errors a keyed lock raises; each maps to one HTTP answer in the ASGI layer."""
+
+from __future__ import annotations
+
+__all__ = [
+    "BackendUnavailable",
+    "KeyedLockError",
+    "LockAborted",
+    "LockBusy",
+    "LockReentryError",
+    "LockTimeout",
+    "QueueFull",
+]
+
+
+class KeyedLockError(Exception):
+    """Base class of every error raised by keyedlock_asgi."""
+
+
+class LockTimeout(KeyedLockError):
+    """The key was not granted within the timeout; the waiter has left the queue."""
+
+
+class LockBusy(KeyedLockError):
+    """`timeout=0` and the key could not be granted at once."""
+
+
+class QueueFull(KeyedLockError):
+    """`max_waiting` callers already wait on the key."""
+
+
+class LockAborted(KeyedLockError):
+    """The holder raised under `on_error="stop"`; `__cause__` is its exception."""
+
+
+class LockReentryError(KeyedLockError, RuntimeError):
+    """The task already holds this key: waiting for it would deadlock forever."""
+
+
+class BackendUnavailable(KeyedLockError):
+    """A distributed backend cannot be reached and the lock fails closed."""

@@ -1,0 +1,48 @@
+"""The lock-engine protocol that lets one `KeyedLock` span processes and hosts.
+
+`KeyedLock` always takes the key in its in-process lock first (level 1), then asks the backend
+(level 2), so a process has at most one engine-level waiter per key. A backend therefore only
+ever sees one caller at a time per key from each `KeyedLock`, and never multi-key requests:
+the core takes several keys one by one in sorted order, which keeps them deadlock-free.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+__all__ = ["BackendLease", "LockBackend"]
+
+
+@runtime_checkable
+class BackendLease(Protocol):
+    """One key granted by the engine; released exactly once by the core."""
+
+    @property
+    def token(self) -> int:
+        """The engine's fencing token: strictly increasing per key across every grant."""
+        ...
+
+    async def release(self) -> None:
+        """Give the key back; called shielded from cancellation. A lost lease is no error."""
+        ...
+
+
+@runtime_checkable
+class LockBackend(Protocol):
+    """A lock engine shared by several processes (Redis, PostgreSQL, ...)."""
+
+    async def acquire(
+        self, key: str, *, timeout: float | None, max_concurrency: int
+    ) -> BackendLease:
+        """Take `key` (already prefixed by the lock) in the engine.
+
+        `timeout` is the time left of the caller's budget: `None` waits forever, `0` fails at
+        once. Raise `LockTimeout` when it passes, `LockBusy` when it is `0` and the key is
+        taken, `BackendUnavailable` when the engine cannot be reached. Whatever happens,
+        including cancellation, nothing may stay held or queued in the engine once this raises.
+        """
+        ...
+
+    async def aclose(self) -> None:
+        """Close connections and background tasks; holds still open are released first."""
+        ...
