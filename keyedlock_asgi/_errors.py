@@ -16,6 +16,9 @@ __all__ = [
 class KeyedLockError(Exception):
     """Base class of every error raised by keyedlock_asgi."""
 
+    retry_after: float | None = None
+    """A hint, in seconds, for when trying again may succeed (HTTP `Retry-After`)."""
+
 
 class LockTimeout(KeyedLockError):
     """The key was not granted within the timeout; the waiter has left the queue."""

@@ -1,0 +1,86 @@
+"""The HTTP answer for each reason a request is not served: one table, shared by every layer."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+
+from ._errors import (
+    BackendUnavailable,
+    KeyedLockError,
+    LockAborted,
+    LockBusy,
+    LockTimeout,
+    QueueFull,
+)
+from ._types import Send
+
+__all__ = ["Rejection", "rejection_for", "send_rejection"]
+
+
+@dataclass(frozen=True)
+class Rejection:
+    """Why a request was not served and how to tell the client. Never carries the key."""
+
+    reason: str
+    """Machine-readable: busy, aborted, queue_full, timeout, backend_unavailable,
+    missing_key, invalid_key, body_too_large."""
+    status: int
+    detail: str
+    retry_after: int | None
+    """Whole seconds, at least 1; None when retrying cannot help."""
+
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        """Raw ASGI headers for the response (with its JSON body)."""
+        body = self.body()
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode("ascii")),
+        ]
+        if self.retry_after is not None:
+            headers.append((b"retry-after", str(self.retry_after).encode("ascii")))
+        return headers
+
+    def body(self) -> bytes:
+        return json.dumps({"detail": self.detail}).encode("utf-8")
+
+
+_BY_ERROR: dict[type[KeyedLockError], tuple[str, int, str]] = {
+    LockBusy: ("busy", 409, "Another request with the same key is in progress."),
+    LockAborted: ("aborted", 409, "A request with the same key failed; this one was aborted."),
+    QueueFull: ("queue_full", 429, "Too many requests with the same key are waiting."),
+    LockTimeout: ("timeout", 503, "Timed out waiting for a request with the same key."),
+    BackendUnavailable: ("backend_unavailable", 503, "The lock service is unavailable."),
+}
+
+MISSING_KEY = Rejection("missing_key", 400, "This request needs a lock key and has none.", None)
+INVALID_KEY = Rejection("invalid_key", 400, "The request's lock key is invalid.", None)
+BODY_TOO_LARGE = Rejection(
+    "body_too_large", 413, "The request body is too large to hold while waiting.", None
+)
+
+
+def retry_after_seconds(hint: float | None) -> int:
+    """`Retry-After` in whole seconds, at least 1."""
+    if hint is None or not math.isfinite(hint):
+        return 1
+    return max(1, math.ceil(hint))
+
+
+def rejection_for(error: KeyedLockError) -> Rejection:
+    """The answer for a lock error (a subclass maps like its nearest listed base)."""
+    for cls in type(error).__mro__:
+        found = _BY_ERROR.get(cls)
+        if found is not None:
+            reason, status, detail = found
+            return Rejection(reason, status, detail, retry_after_seconds(error.retry_after))
+    raise TypeError(f"no HTTP answer for {type(error).__name__}")
+
+
+async def send_rejection(send: Send, rejection: Rejection) -> None:
+    """Send the whole response for `rejection` through an ASGI `send`."""
+    await send(
+        {"type": "http.response.start", "status": rejection.status, "headers": rejection.headers()}
+    )
+    await send({"type": "http.response.body", "body": rejection.body(), "more_body": False})
