@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 import os
+import uuid
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import pytest
+
+from keyedlock_asgi import KeyedLock
+from tests.support.engines import ASYNCIO_ONLY, ENGINES
 
 REQUIRE_SERVICES = os.environ.get("KEYEDLOCK_REQUIRE_SERVICES") == "1"
 
@@ -21,3 +27,28 @@ def service_missing(name: str, reason: str) -> None:
     if REQUIRE_SERVICES:
         pytest.fail(f"{message}; KEYEDLOCK_REQUIRE_SERVICES=1 makes this a failure")
     pytest.skip(f"{message}; start it to run these tests")
+
+
+@pytest.fixture(params=sorted(ENGINES))
+def engine(request: pytest.FixtureRequest, anyio_backend: str) -> str:
+    """The lock engine under test: "memory" (in-process) or a distributed backend."""
+    name = str(request.param)
+    if name in ASYNCIO_ONLY and anyio_backend == "trio":
+        pytest.skip(f"the {name} backend's client is asyncio-only")
+    return name
+
+
+@pytest.fixture
+async def make_lock(engine: str) -> AsyncIterator[Callable[..., KeyedLock]]:
+    """Build `KeyedLock(**options)` on the engine under test; close every one afterwards."""
+    made: list[KeyedLock] = []
+
+    def factory(**options: Any) -> KeyedLock:
+        namespace = f"test-{uuid.uuid4().hex[:12]}"
+        lock = KeyedLock(backend=ENGINES[engine](namespace), **options)
+        made.append(lock)
+        return lock
+
+    yield factory
+    for lock in made:
+        await lock.aclose()
