@@ -289,6 +289,29 @@ class Held:
             for one in key:
                 lock._release(state, one, self._task)
 
+    def _enter_now(self) -> bool:
+        """Enter without waiting if that is possible (one key, in-process, grantable now).
+
+        False, with nothing changed, when `__aenter__` would have to wait (or talk to a
+        backend); raises what `__aenter__` would raise at once (busy, queue full, re-entry).
+        Lets the ASGI layer start its disconnect watcher only for requests that must queue.
+        """
+        lock = self._lock
+        if self._entered or len(self._keys) != 1 or lock._backend is not None:
+            return False
+        state, task = lock._current()
+        key = self._keys[0]
+        entry = state.keys.get(key)
+        if entry is not None and task in entry.owners:
+            raise LockReentryError(f"this task already holds the key {key!r}")
+        if not lock._grant_now(state, key, task, self._timeout, self._max_waiting):
+            return False
+        self._entered = True
+        self._task = task
+        self._state = state
+        self.token = next(lock._fence)
+        return True
+
     async def _acquire_all(self, state: _LoopState, task: object) -> None:
         """Several keys, or a backend: take every key in order, all or nothing."""
         lock = self._lock
