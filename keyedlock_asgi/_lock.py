@@ -297,19 +297,18 @@ class Held:
         Lets the ASGI layer start its disconnect watcher only for requests that must queue.
         """
         lock = self._lock
-        if self._entered or len(self._keys) != 1 or lock._backend is not None:
+        key = self._key
+        if type(key) is not str or lock._backend is not None:
             return False
         state, task = lock._current()
-        key = self._keys[0]
         entry = state.keys.get(key)
-        if entry is not None and task in entry.owners:
+        if entry is not None and _holds(entry, task):
             raise LockReentryError(f"this task already holds the key {key!r}")
-        if not lock._grant_now(state, key, task, self._timeout, self._max_waiting):
+        if lock._grant_now(state, key, self, task) is not None:
             return False
-        self._entered = True
         self._task = task
         self._state = state
-        self.token = next(lock._fence)
+        self._token = next(lock._fence)
         return True
 
     async def _acquire_all(self, state: _LoopState, task: object) -> None:
