@@ -28,17 +28,17 @@ class LockRejected(HTTPException):
     `rejection` has the reason; `__cause__` is the lock's error, if any.
     """
 
-    def __init__(self, rejection: Rejection) -> None:
-        headers = None
-        if rejection.retry_after is not None:
-            headers = {"Retry-After": str(rejection.retry_after)}
-        super().__init__(rejection.status, rejection.detail, headers)
-        self.rejection = rejection
+    rejection: Rejection
 
 
 def to_http(rejected: Rejected, cls: type[LockRejected] = LockRejected) -> LockRejected:
     """The HTTP exception for a guard's rejection, chained to the lock's error."""
-    exc = cls(rejected.rejection)
+    rejection = rejected.rejection
+    headers = None
+    if rejection.retry_after is not None:
+        headers = {"Retry-After": str(rejection.retry_after)}
+    exc = cls(rejection.status, rejection.detail, headers)
+    exc.rejection = rejection
     exc.__cause__ = rejected.__cause__
     return exc
 
