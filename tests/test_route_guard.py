@@ -197,10 +197,9 @@ async def test_queue_full_and_timeout_answers(anyio_backend: str, form: str) -> 
     gates = Gates()
     full = build_app(form, lock, gates.endpoint, max_waiting=0)
     slow = build_app(form, lock, gates.endpoint, timeout=0.01)
-    async with client(full) as http_full, client(slow) as http_slow:
-        async with held_elsewhere(lock, "k"):
-            assert answer(await post(http_full, "A")) == expected(QueueFull())
-            assert answer(await post(http_slow, "B")) == expected(LockTimeout())
+    async with client(full) as http_full, client(slow) as http_slow, held_elsewhere(lock, "k"):
+        assert answer(await post(http_full, "A")) == expected(QueueFull())
+        assert answer(await post(http_slow, "B")) == expected(LockTimeout())
     assert gates.log == []
     assert_idle(lock)
 
@@ -299,9 +298,7 @@ async def test_missing_and_invalid_keys(anyio_backend: str, form: str) -> None:
     assert_idle(lock)
 
 
-async def test_options_override_the_lock_for_that_route_only(
-    anyio_backend: str, form: str
-) -> None:
+async def test_options_override_the_lock_for_that_route_only(anyio_backend: str, form: str) -> None:
     lock = KeyedLock(timeout=0, max_waiting=0)  # defaults: never wait
     gates = Gates()
     gates.gate("A")
@@ -356,15 +353,15 @@ async def test_user_exception_handler_renders_the_rejection(anyio_backend: str, 
         )
 
     app = build_app(form, lock, gates.endpoint, exception_handlers={HTTPException: problem})
-    async with client(app) as http:
-        async with held_elsewhere(lock, "k"):
-            response = await post(http, "A")
+    async with client(app) as http, held_elsewhere(lock, "k"):
+        response = await post(http, "A")
     status, _, retry_after, _ = expected(LockBusy())
     assert response.status_code == status
     assert response.headers["content-type"] == "application/problem+json"
     assert response.headers["retry-after"] == retry_after
     assert response.json() == {"title": expected(LockBusy())[1]["detail"], "status": 409}
-    assert len(seen) == 1 and isinstance(seen[0].__cause__, LockBusy)
+    assert len(seen) == 1
+    assert isinstance(seen[0].__cause__, LockBusy)
     assert_idle(lock)
 
 
@@ -376,9 +373,8 @@ async def test_user_status_handler_renders_the_rejection(anyio_backend: str, for
 
     gates = Gates()
     app = build_app(form, lock, gates.endpoint, exception_handlers={429: conflict})
-    async with client(app) as http:
-        async with held_elsewhere(lock, "k"):
-            response = await post(http, "A")
+    async with client(app) as http, held_elsewhere(lock, "k"):
+        response = await post(http, "A")
     assert (response.status_code, response.text) == (429, "slow down")
     assert_idle(lock)
 
