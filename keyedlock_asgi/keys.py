@@ -30,13 +30,13 @@ __all__ = [
     "user",
 ]
 
-KeyResult: TypeAlias = "str | None | Awaitable[str | None]"
-KeyExtractor: TypeAlias = Callable[[Scope], "str | None | Awaitable[str | None]"]
+KeyResult: TypeAlias = "str | Awaitable[str | None] | None"
+KeyExtractor: TypeAlias = Callable[[Scope], "str | Awaitable[str | None] | None"]
 
 TEMPLATE_PARAMS = "keyedlock.path_params"
 """Scope entry where the middleware puts the parameters of the route template it matched."""
 
-_cookie_unquote: Callable[[str], str] = _http_cookies._unquote  # type: ignore[attr-defined]
+_cookie_unquote: Callable[[str], str] = _http_cookies._unquote
 
 
 class _Extractor:
@@ -144,10 +144,8 @@ class _Cookie(_Extractor):
         self._name = name
 
     def __call__(self, scope: Scope) -> str | None:
-        for field, raw in scope["headers"]:
-            if field == b"cookie":
-                break
-        else:
+        raw = next((value for field, value in scope["headers"] if field == b"cookie"), None)
+        if raw is None:
             return None
         found = None
         # The same parsing as Starlette's `cookie_parser`: first Cookie header, last one wins.
