@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar
 from ._errors import BackendUnavailable, LockAborted, LockBusy, LockTimeout, QueueFull
 from ._hooks import Hooks, OnAcquired, OnRejected, OnReleased
 from ._lock import UNSET, Held, KeyedLock, OnError, _Unset
+from ._middleware import SCOPE_KEY
 from ._responses import INVALID_KEY, MISSING_KEY, Rejection, rejection_for
 from .keys import DEFAULT_MAX_KEY_LENGTH, _key_is_valid
 
@@ -25,9 +26,6 @@ __all__ = ["OnMissingKey", "Rejected", "RouteGuard", "RouteHold", "depends", "se
 
 F = TypeVar("F", bound=Callable[..., Any])
 OnMissingKey = Literal["pass", "reject"]
-
-SCOPE_KEY = "keyedlock"
-"""Scope entry: the `Held` of every layer that took keys for this request, outermost first."""
 
 _REJECTED_BY_LOCK = (LockBusy, LockAborted, QueueFull, LockTimeout, BackendUnavailable)
 

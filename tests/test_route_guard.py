@@ -25,6 +25,7 @@ from keyedlock_asgi import (
 from keyedlock_asgi._responses import INVALID_KEY, MISSING_KEY
 from tests.support.route_guard import (
     FORMS,
+    GUARD_FORMS,
     answer,
     assert_idle,
     build_app,
@@ -39,6 +40,12 @@ pytestmark = pytest.mark.anyio
 
 @pytest.fixture(params=FORMS)
 def form(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture(params=GUARD_FORMS)
+def guard_form(request: pytest.FixtureRequest) -> str:
+    """The decorator and dependency forms: they answer through the app's exception handlers."""
     return str(request.param)
 
 
@@ -337,7 +344,9 @@ async def test_constant_key(anyio_backend: str, form: str) -> None:
     assert_idle(lock)
 
 
-async def test_user_exception_handler_renders_the_rejection(anyio_backend: str, form: str) -> None:
+async def test_user_exception_handler_renders_the_rejection(
+    anyio_backend: str, guard_form: str
+) -> None:
     lock = KeyedLock(timeout=0)
     gates = Gates()
     seen: list[BaseException] = []
@@ -352,7 +361,7 @@ async def test_user_exception_handler_renders_the_rejection(anyio_backend: str, 
             media_type="application/problem+json",
         )
 
-    app = build_app(form, lock, gates.endpoint, exception_handlers={HTTPException: problem})
+    app = build_app(guard_form, lock, gates.endpoint, exception_handlers={HTTPException: problem})
     async with client(app) as http, held_elsewhere(lock, "k"):
         response = await post(http, "A")
     status, _, retry_after, _ = expected(LockBusy())
@@ -365,14 +374,16 @@ async def test_user_exception_handler_renders_the_rejection(anyio_backend: str, 
     assert_idle(lock)
 
 
-async def test_user_status_handler_renders_the_rejection(anyio_backend: str, form: str) -> None:
+async def test_user_status_handler_renders_the_rejection(
+    anyio_backend: str, guard_form: str
+) -> None:
     lock = KeyedLock(max_waiting=0)
 
     async def conflict(request: Request, exc: Exception) -> Response:
         return PlainTextResponse("slow down", status_code=429)
 
     gates = Gates()
-    app = build_app(form, lock, gates.endpoint, exception_handlers={429: conflict})
+    app = build_app(guard_form, lock, gates.endpoint, exception_handlers={429: conflict})
     async with client(app) as http, held_elsewhere(lock, "k"):
         response = await post(http, "A")
     assert (response.status_code, response.text) == (429, "slow down")

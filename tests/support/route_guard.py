@@ -16,14 +16,16 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from keyedlock_asgi import KeyedLock, keys
+from keyedlock_asgi import KeyedLock, KeyedLockMiddleware, keys
 from keyedlock_asgi._errors import KeyedLockError
 from keyedlock_asgi._responses import Rejection, rejection_for
 
 Handler = Callable[[Request], Awaitable[Response]]
 
-FORMS = ["starlette_decorator", "fastapi_decorator", "fastapi_depends"]
-"""Every per-route form that takes `lock.serialize`/`lock.depends` options."""
+GUARD_FORMS = ["starlette_decorator", "fastapi_decorator", "fastapi_depends"]
+"""The forms that answer rejections through the framework's exception handlers."""
+FORMS = [*GUARD_FORMS, "starlette_route_middleware"]
+"""Every per-route form, with its options (route middleware: `KeyedLockMiddleware` on a `Route`)."""
 
 KEY = keys.header("x-key")
 
@@ -39,6 +41,18 @@ def build_app(
     **options: Any,
 ) -> Any:
     """An app serving POST /items/{item_id} with `handler`, guarded by `form` on `lock`."""
+    if form == "starlette_route_middleware":
+
+        async def plain(request: Request) -> Response:
+            return await handler(request)
+
+        extractor = key if callable(key) else (lambda scope: key)
+        guard = Middleware(KeyedLockMiddleware, lock=lock, key=extractor, **options)
+        return Starlette(
+            routes=[Route("/items/{item_id}", plain, methods=["POST"], middleware=[guard])],
+            exception_handlers=exception_handlers,
+            middleware=middleware,
+        )
     if form == "starlette_decorator":
 
         @lock.serialize(key, **options)
