@@ -100,6 +100,15 @@ class KeyedLockMiddleware:
         self.busy_response = busy_response
         self.server_timing = server_timing
         self.hooks = Hooks(on_acquired, on_released, on_rejected)
+        self._hold_options: dict[str, Any] = {
+            name: value
+            for name, value in (
+                ("timeout", timeout),
+                ("max_waiting", max_waiting),
+                ("on_error", on_error),
+            )
+            if value is not UNSET
+        }
         routes = RouteFilter(include, exclude)
         self._routes = routes if routes.active else None
 
@@ -118,8 +127,9 @@ class KeyedLockMiddleware:
                 scope[_keys.TEMPLATE_PARAMS] = params
         key = self.key(scope)
         if type(key) is not str or not key:
-            key = await _keys._settle_any(key)
-            if key is None:
+            if key is not None and key != "":
+                key = await _keys._settle_any(key)
+            if not key:
                 if self.on_missing_key == "reject":
                     await self._reject(scope, receive, send, MISSING_KEY)
                 else:
@@ -133,9 +143,7 @@ class KeyedLockMiddleware:
         if outer and any(held.lock is lock and key in held.keys for held in outer):
             await self.app(scope, receive, send)  # an outer layer holds it for this request
             return
-        held = lock.hold(
-            key, timeout=self.timeout, max_waiting=self.max_waiting, on_error=self.on_error
-        )
+        held = lock.hold(key, **self._hold_options) if self._hold_options else lock.hold(key)
         try:
             granted = held._enter_now()
         except LockReentryError:
