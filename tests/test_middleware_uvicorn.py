@@ -62,7 +62,10 @@ def intervals(recorded: list[list[Any]]) -> dict[str, list[tuple[int, int]]]:
 # uvicorn serves on asyncio whatever the client runs on: a trio client would test nothing more.
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
 async def test_uvicorn_same_key_never_overlaps_different_keys_do() -> None:
-    with uvicorn_server("tests.test_middleware_uvicorn:app") as base_url:
+    # A long keep-alive: on a busy machine the run can outlast uvicorn's 5 s default, and a
+    # pooled connection closed by the server just as it is reused is not what we test here.
+    keep_alive = ("--timeout-keep-alive", "120")
+    with uvicorn_server("tests.test_middleware_uvicorn:app", extra_args=keep_alive) as base_url:
         limits = httpx.Limits(max_connections=200, max_keepalive_connections=200)
         async with httpx.AsyncClient(base_url=base_url, limits=limits, timeout=60) as http:
             statuses: list[int] = []
