@@ -40,12 +40,15 @@ from ._errors import (
 )
 
 if TYPE_CHECKING:
+    from ._hooks import OnAcquired, OnRejected, OnReleased
     from .backends import BackendLease, LockBackend
+    from .keys import KeyExtractor
 
 __all__ = ["Held", "KeyedLock", "LockStats", "OnBackendError", "OnError", "mutex"]
 
 T = TypeVar("T")
 P = ParamSpec("P")
+F = TypeVar("F", bound=Callable[..., Any])
 OnError = Literal["continue", "stop"]
 OnBackendError = Literal["closed", "open"]
 
@@ -549,17 +552,74 @@ class KeyedLock:
                 holders += 1
         return LockStats(len(state.keys), holders, waiting)
 
-    def serialize(self, key: Any, **options: Any) -> Any:
-        """Decorate a Starlette endpoint or FastAPI path operation to run under `key`."""
+    def serialize(
+        self,
+        key: str | KeyExtractor,
+        *,
+        timeout: float | _Unset | None = UNSET,
+        max_waiting: int | _Unset | None = UNSET,
+        on_error: OnError | _Unset = UNSET,
+        on_missing_key: Literal["pass", "reject"] = "pass",
+        max_key_length: int = 256,
+        on_acquired: OnAcquired | None = None,
+        on_released: OnReleased | None = None,
+        on_rejected: OnRejected | None = None,
+    ) -> Callable[[F], F]:
+        """Decorate a Starlette endpoint or FastAPI path operation to run under `key`.
+
+        `key`: a string, or a key extractor `(scope) -> str | None` (see `keys`). The key is
+        held until the response has been sent, streamed bodies included. Options left out
+        are the lock's defaults; rejections answer like `KeyedLockMiddleware`.
+        """
         from ._route_guard import serialize
 
-        return serialize(self, key, **options)
+        return serialize(
+            self,
+            key,
+            timeout=timeout,
+            max_waiting=max_waiting,
+            on_error=on_error,
+            on_missing_key=on_missing_key,
+            max_key_length=max_key_length,
+            on_acquired=on_acquired,
+            on_released=on_released,
+            on_rejected=on_rejected,
+        )
 
-    def depends(self, key: Any, **options: Any) -> Any:
-        """A FastAPI dependency (`dependencies=[lock.depends(...)]`) that holds `key`."""
+    def depends(
+        self,
+        key: str | Callable[..., Any],
+        *,
+        timeout: float | _Unset | None = UNSET,
+        max_waiting: int | _Unset | None = UNSET,
+        on_error: OnError | _Unset = UNSET,
+        on_missing_key: Literal["pass", "reject"] = "pass",
+        max_key_length: int = 256,
+        on_acquired: OnAcquired | None = None,
+        on_released: OnReleased | None = None,
+        on_rejected: OnRejected | None = None,
+    ) -> Any:
+        """A FastAPI dependency (`dependencies=[lock.depends(...)]`) that holds `key`.
+
+        `key`: a string, an extractor made by `keys` (read from the request), or any other
+        callable, which is a FastAPI dependency returning the key (its own parameters are
+        resolved and validated by FastAPI first). Used as a parameter, it gives the `Held`
+        covering the key, or None when the request has no key.
+        """
         from ._route_guard import depends
 
-        return depends(self, key, **options)
+        return depends(
+            self,
+            key,
+            timeout=timeout,
+            max_waiting=max_waiting,
+            on_error=on_error,
+            on_missing_key=on_missing_key,
+            max_key_length=max_key_length,
+            on_acquired=on_acquired,
+            on_released=on_released,
+            on_rejected=on_rejected,
+        )
 
     async def aclose(self) -> None:
         """Close the backend's connections, if the lock has a backend."""
