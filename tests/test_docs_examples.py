@@ -59,3 +59,75 @@ def test_one_lock_serves_successive_event_loops() -> None:
     pytest.importorskip("trio")
     assert semantics.two_loops() == [True, True]
     assert semantics.shared.stats().active_keys == 0
+
+
+def needs_middleware() -> None:
+    import keyedlock_asgi
+
+    if not hasattr(keyedlock_asgi, "KeyedLockMiddleware") or not hasattr(keyedlock_asgi, "keys"):
+        pytest.skip("needs KeyedLockMiddleware and keys from the `middleware` branch")
+
+
+async def test_quickstart_middleware_one_request_per_user_at_a_time() -> None:
+    needs_middleware()
+    import anyio
+    import httpx
+
+    from docs.examples import quickstart_middleware as quick
+
+    quick.entered.clear()
+    quick.gate = anyio.Event()
+    transport = httpx.ASGITransport(app=quick.app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+
+        async def pay(user: str, order: int) -> int:
+            response = await client.post(f"/orders/{order}/pay", headers={"X-User-Id": user})
+            return response.status_code
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(pay, "alice", 1)
+            while quick.entered != ["alice in"]:
+                await anyio.lowlevel.checkpoint()
+            tg.start_soon(pay, "alice", 2)
+            while quick.lock.waiting("alice") != 1:  # alice's second request queues
+                await anyio.lowlevel.checkpoint()
+            bob = await client.post("/orders/3/pay", headers={"X-User-Id": "bob"}, timeout=5)
+            assert bob.status_code == 200  # bob is not blocked: his request went in and out
+            assert quick.entered == ["alice in", "bob in", "bob out"]
+            quick.gate.set()
+    assert quick.entered == ["alice in", "bob in", "bob out", "alice out", "alice in", "alice out"]
+    assert quick.lock.stats().active_keys == 0
+
+
+async def test_security_keys_by_authenticated_user_with_a_bounded_queue() -> None:
+    needs_middleware()
+    import anyio
+    import httpx
+
+    from docs.examples import security_keys as sec
+
+    sec.gate = anyio.Event()
+    statuses: list[int] = []
+    transport = httpx.ASGITransport(app=sec.app)
+    alice = {"Authorization": "Bearer token-alice"}
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        anonymous = await client.post("/withdraw")
+        assert anonymous.status_code == 400  # no authenticated user, no key: refused
+
+        async def withdraw() -> None:
+            statuses.append((await client.post("/withdraw", headers=alice)).status_code)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(withdraw)  # holds "withdraw:alice" until the gate opens
+            for queued in range(1, 6):
+                tg.start_soon(withdraw)
+                while sec.lock.waiting("alice") != queued:
+                    await anyio.lowlevel.checkpoint()
+            sixth_waiter = await client.post("/withdraw", headers=alice)
+            assert sixth_waiter.status_code == 429
+            assert int(sixth_waiter.headers["retry-after"]) >= 1
+            bob = await client.post("/withdraw", headers={"Authorization": "Bearer token-bob"})
+            assert bob.status_code == 200  # bob has his own key: served while alice's queue waits
+            sec.gate.set()
+    assert statuses == [200] * 6
+    assert sec.lock.stats().active_keys == 0
