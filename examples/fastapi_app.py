@@ -13,7 +13,7 @@ from typing import Annotated
 
 from fastapi import Depends, FastAPI, Header
 
-from keyedlock_asgi import KeyedLock, keys
+from keyedlock_asgi import KeyedLock
 
 app = FastAPI()
 lock = KeyedLock(timeout=10, max_waiting=20)  # wait at most 10 s; at most 20 queued per key
@@ -28,16 +28,19 @@ async def checkout(user: Annotated[str, Depends(current_user)]) -> dict[str, str
     return await charge(user)  # one checkout per user at a time, in arrival order
 
 
-@app.post("/orders/{order_id}/refund")
-@lock.serialize(keys.path_param("order_id"))
-async def refund(order_id: int) -> dict[str, str]:
-    return await refund_order(order_id)  # one refund per order at a time
-
-
 # --8<-- [end:readme]
 
 
 import anyio  # noqa: E402 - below the README section on purpose
+
+from keyedlock_asgi import keys  # noqa: E402
+
+
+@app.post("/orders/{order_id}/refund")
+@lock.serialize(keys.path_param("order_id"))  # the decorator: no Request parameter needed
+async def refund(order_id: int) -> dict[str, str]:
+    return await refund_order(order_id)  # one refund per order at a time
+
 
 balances: dict[str, int] = {"alice": 100, "bob": 100}
 orders: list[str] = []
