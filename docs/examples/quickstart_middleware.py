@@ -1,23 +1,21 @@
 """Quickstart: the middleware in ten lines (docs/index.md)."""
 
-from __future__ import annotations
-
+# --8<-- [start:imports]
 import anyio
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
 
+from keyedlock_asgi import KeyedLock, KeyedLockMiddleware, keys
+
+# --8<-- [end:imports]
 entered: list[str] = []  # for the test: who was inside when
 gate: anyio.Event | None = None
 
 
 # --8<-- [start:middleware]
-from starlette.applications import Starlette  # noqa: E402
-from starlette.middleware import Middleware  # noqa: E402
-from starlette.requests import Request  # noqa: E402
-from starlette.responses import JSONResponse  # noqa: E402
-from starlette.routing import Route  # noqa: E402
-
-from keyedlock_asgi import KeyedLock, KeyedLockMiddleware, keys  # noqa: E402
-
-
 async def pay(request: Request) -> JSONResponse:
     user = request.headers["x-user-id"]
     entered.append(f"{user} in")
