@@ -528,10 +528,10 @@ class KeyedLock:
         loop = _running_loop()
         cached_loop, state = self._cache
         task = _task_of_loop(loop) if loop is not None else None
-        if task is None or loop is not cached_loop:
+        if task is None or loop is not cached_loop or state is None:
             state, task = self._current()
-        assert state is not None
-        key = self._key_prefix + key
+        if self._key_prefix:
+            key = self._key_prefix + key
         table = state.keys
         if key in table:
             return None

@@ -115,26 +115,30 @@ class KeyedLockMiddleware:
         self._plain = not server_timing and on_acquired is None and on_released is None
         routes = RouteFilter(include, exclude)
         self._routes = routes if routes.active else None
+        self._filtered = self.methods is not None or self._routes is not None
+        self._reject_missing = on_missing_key == "reject"
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or (
-            self.methods is not None and scope["method"] not in self.methods
-        ):
+        if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        if self._routes is not None:
-            params = self._routes.match(scope)
-            if params is None:
+        if self._filtered:
+            if self.methods is not None and scope["method"] not in self.methods:
                 await self.app(scope, receive, send)
                 return
-            if params:
-                scope[_keys.TEMPLATE_PARAMS] = params
+            if self._routes is not None:
+                params = self._routes.match(scope)
+                if params is None:
+                    await self.app(scope, receive, send)
+                    return
+                if params:
+                    scope[_keys.TEMPLATE_PARAMS] = params
         key = self._extract(scope)
         if type(key) is not str or not key:
             if key is not None and key != "":
                 key = await _keys._settle_any(key)
             if not key:
-                if self.on_missing_key == "reject":
+                if self._reject_missing:
                     await self._reject(scope, receive, send, MISSING_KEY)
                 else:
                     await self.app(scope, receive, send)
