@@ -24,3 +24,13 @@ ENGINES: dict[str, EngineFactory] = {
 }
 
 ASYNCIO_ONLY: set[str] = set()
+
+
+def _register_postgres() -> None:
+    from tests.support.engine_postgres import postgres_engine
+
+    ENGINES["postgres"] = postgres_engine
+    ASYNCIO_ONLY.add("postgres")  # asyncpg runs on asyncio only
+
+
+_register_postgres()
