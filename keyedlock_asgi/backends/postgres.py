@@ -18,9 +18,12 @@ import asyncio
 import contextlib
 import logging
 import math
-from collections.abc import Callable, Mapping
+from collections import deque
+from collections.abc import Callable, Coroutine, Mapping
 from time import monotonic
 from typing import Any, Literal
+
+import anyio
 
 from .._errors import BackendUnavailable, LockBusy, LockTimeout
 from ._pg_lease import LeaseLost, PostgresLease
@@ -103,9 +106,8 @@ class PostgresBackend:
         self.on_lease_lost = on_lease_lost
         self.retry_after = retry_after
         self.connect_kwargs = dict(connect_kwargs or {})
-        self._pool: tuple[asyncio.AbstractEventLoop, asyncio.Task[Any]] | None = None
+        self._pool: _LoopPool | None = None
         self._leases: set[PostgresLease] = set()
-        self._in_use = 0
         self._closed = False
         self._heartbeat_paused = False  # test hook: simulate a frozen holder
 
@@ -172,12 +174,11 @@ class PostgresBackend:
         entry, self._pool = self._pool, None
         if entry is None:
             return
-        loop, task = entry
-        if loop is not asyncio.get_running_loop():
-            _terminate_pool(task)
+        if entry.loop is not asyncio.get_running_loop():
+            entry.terminate()
             return
         with contextlib.suppress(Exception):
-            pool = await task
+            pool = await entry.task
             try:
                 await asyncio.wait_for(pool.close(), self.connect_timeout)
             except (asyncio.TimeoutError, Exception):
@@ -185,23 +186,29 @@ class PostgresBackend:
 
     # -- the pool -------------------------------------------------------------------------
 
-    async def _get_pool(self) -> Any:
+    async def _get_pool(self) -> _LoopPool:
         """This event loop's pool, created on first use (pools cannot cross loops)."""
         loop = asyncio.get_running_loop()
         entry = self._pool
-        if entry is None or entry[0] is not loop:
+        if entry is None or entry.loop is not loop:
             if entry is not None:
-                _terminate_pool(entry[1])
-            entry = self._pool = (loop, loop.create_task(self._open_pool()))
-        task = entry[1]
+                entry.terminate()
+            entry = self._pool = _LoopPool(loop, self.pool_size, self._open_pool())
+        task = entry.task
+        if task.done() and not task.cancelled() and task.exception() is None:
+            return entry
         try:
-            return await asyncio.shield(task)
+            await asyncio.shield(task)
         except asyncio.CancelledError:
+            if not task.cancelled():
+                raise
+            self._pool = None
             raise
         except BaseException:
             if self._pool is entry:
                 self._pool = None
             raise
+        return entry
 
     async def _open_pool(self) -> Any:
         asyncpg = _asyncpg()
@@ -263,37 +270,38 @@ class PostgresBackend:
             return
         await conn.execute("SELECT pg_advisory_unlock_all()")
 
-    async def _take(self, pool: Any, try_only: bool, deadline: float | None) -> Any:
-        """A connection for one key; waits (bounded by the deadline) when all are in use."""
-        if try_only and self._in_use >= self.pool_size:
-            raise LockBusy(f"all {self.pool_size} lock connections are in use")
-        self._in_use += 1
+    async def _take(self, pool: _LoopPool, try_only: bool, deadline: float | None) -> Any:
+        """A connection for one key. Callers queue (FIFO, bounded by their deadline) on the
+        pool's slots, so a burst of keys waits here instead of piling locks on the server."""
+        slots = pool.slots
+        if try_only:
+            if not slots.free:
+                raise LockBusy(f"all {self.pool_size} lock connections are in use")
+            slots.free -= 1
+        else:
+            await slots.acquire(deadline)
         try:
-            return await pool.acquire(timeout=None if try_only else _left(deadline))
+            return await pool.task.result().acquire()
         except BaseException as exc:
-            self._in_use -= 1
-            if isinstance(exc, asyncio.TimeoutError) and _past(deadline):
-                raise LockTimeout("no lock connection became free within the timeout") from exc
+            slots.release()
             if isinstance(exc, Exception):
-                raise self._translate(exc, deadline) from exc
+                raise self._translate(exc, None) from exc
             raise
 
-    async def _give_back(self, pool: Any, conn: Any, *, clean: bool) -> None:
+    async def _give_back(self, pool: _LoopPool, conn: Any, *, clean: bool) -> None:
         """Return a connection to its pool (shielded by the caller or by being in cleanup)."""
         try:
             if clean:
                 conn.keyedlock_mark_clean()
-            await pool.release(conn)
+            await pool.task.result().release(conn)
         except Exception:
             logger.debug("could not return a lock connection to the pool", exc_info=True)
         finally:
-            self._in_use -= 1
+            pool.slots.release()
 
-    async def _give_back_failed(self, pool: Any, conn: Any, exc: BaseException) -> None:
+    async def _give_back_failed(self, pool: _LoopPool, conn: Any, exc: BaseException) -> None:
         """After a failed or cancelled wait: end the transaction if we can, and let the
         pool's reset unlock everything the session may have been granted meanwhile."""
-        import anyio
-
         with anyio.CancelScope(shield=True):
             if self.mode == "transaction" and isinstance(exc, Exception):
                 with contextlib.suppress(Exception):
@@ -423,11 +431,72 @@ def _lock_connection_class() -> type[Any]:
     return _connection_class
 
 
-def _terminate_pool(task: asyncio.Task[Any]) -> None:
-    """Drop a pool that belongs to another (usually finished) event loop."""
-    if task.done() and not task.cancelled() and task.exception() is None:
-        with contextlib.suppress(Exception):
-            task.result().terminate()
+class _Slots:
+    """A FIFO semaphore for pool connections with O(1) give-up: a burst of 100,000 waiters
+    that time out must not cost a quadratic `deque.remove` each (asyncio.Semaphore does)."""
+
+    __slots__ = ("free", "loop", "waiters")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, size: int) -> None:
+        self.loop = loop
+        self.free = size
+        self.waiters: deque[asyncio.Future[None]] = deque()  # invariant: free > 0 => empty
+
+    async def acquire(self, deadline: float | None) -> None:
+        if self.free:
+            self.free -= 1
+            return
+        waiter: asyncio.Future[None] = self.loop.create_future()
+        self.waiters.append(waiter)
+        timer = None
+        if deadline is not None:
+            when = self.loop.time() + (deadline - monotonic())
+            timer = self.loop.call_at(when, _expire, waiter)
+        try:
+            await waiter
+        except BaseException:
+            if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
+                self.release()  # handed a slot while being cancelled: pass it on
+            waiter.cancel()  # if still queued, `release` skips it
+            raise
+        finally:
+            if timer is not None:
+                timer.cancel()
+
+    def release(self) -> None:
+        """Hand the slot to the first live waiter, or free it."""
+        waiters = self.waiters
+        while waiters:
+            waiter = waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+        self.free += 1
+
+
+def _expire(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_exception(LockTimeout("no lock connection became free within the timeout"))
+
+
+class _LoopPool:
+    """One event loop's asyncpg pool (opening in `task`) and the FIFO slots bounding it."""
+
+    __slots__ = ("loop", "slots", "task")
+
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, size: int, opening: Coroutine[Any, Any, Any]
+    ) -> None:
+        self.loop = loop
+        self.slots = _Slots(loop, size)
+        self.task: asyncio.Task[Any] = loop.create_task(opening)
+
+    def terminate(self) -> None:
+        """Drop a pool that belongs to another (usually finished) event loop."""
+        task = self.task
+        if task.done() and not task.cancelled() and task.exception() is None:
+            with contextlib.suppress(Exception):
+                task.result().terminate()
 
 
 def _ms(seconds: float) -> int:
