@@ -48,6 +48,10 @@ __all__ = ["LeaseLost", "RedisBackend", "RedisLease"]
 logger = logging.getLogger("keyedlock_asgi.redis")
 
 _CONNECTIVITY_ERRORS = (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError)
+# A full pool is local saturation, not an outage (the class is missing in old redis-py).
+_POOL_FULL: tuple[type[Exception], ...] = tuple(
+    getattr(redis_errors, name) for name in ("MaxConnectionsError",) if hasattr(redis_errors, name)
+)
 
 
 @dataclass(frozen=True)
@@ -392,9 +396,10 @@ class RedisBackend:
         cls,
         url: str = "redis://127.0.0.1:6379/0",
         *,
-        max_connections: int = 32,
-        socket_timeout: float = 1.0,
+        max_connections: int = 50,
+        socket_timeout: float = 2.0,
         connect_timeout: float = 0.5,
+        pool_timeout: float = 10.0,
         retries: int = 1,
         namespace: str = "keyedlock",
         lease: float = 30.0,
@@ -408,9 +413,9 @@ class RedisBackend:
     ) -> RedisBackend:
         """A backend for the Redis at `url`; extra keywords go to redis-py's connection pool.
 
-        The lock's connections wait for a free pool slot (`BlockingConnectionPool`), use short
-        socket timeouts and retry a failed command `retries` times: every script is idempotent
-        by token, so a retry can never take a key twice.
+        The lock's connections wait up to `pool_timeout` for a free pool slot
+        (`BlockingConnectionPool`), use short socket timeouts and retry a failed command
+        `retries` times: every script is idempotent by token, so a retry never takes a key twice.
         """
         if max_connections < 2:
             raise ValueError("max_connections must be at least 2 (one is the pub/sub reader)")
@@ -419,7 +424,7 @@ class RedisBackend:
             pool = aioredis.BlockingConnectionPool.from_url(
                 url,
                 max_connections=max_connections,
-                timeout=max(socket_timeout * 5, 1.0),
+                timeout=pool_timeout,
                 socket_timeout=socket_timeout,
                 socket_connect_timeout=connect_timeout,
                 retry=Retry(ExponentialBackoff(cap=0.1, base=0.01), retries),
@@ -614,6 +619,9 @@ class RedisBackend:
         probe = self._breaker.enter()
         try:
             result = await script(keys=keys, args=args, client=conn.client)
+        except _POOL_FULL as exc:
+            self._breaker.abandoned(probe)
+            raise self._error(exc) from exc
         except _CONNECTIVITY_ERRORS as exc:
             self._breaker.failed(probe)
             raise self._error(exc) from exc
