@@ -1,5 +1,6 @@
 """keyedlock_asgi: requests that share a key run one at a time, in any ASGI app."""
 
+from . import keys
 from ._errors import (
     BackendUnavailable,
     KeyedLockError,
@@ -10,6 +11,8 @@ from ._errors import (
     QueueFull,
 )
 from ._lock import Held, KeyedLock, LockStats, mutex
+from ._middleware import KeyedLockMiddleware
+from ._responses import Rejection
 
 __version__ = "0.1.0"
 
@@ -18,12 +21,15 @@ __all__ = [
     "Held",
     "KeyedLock",
     "KeyedLockError",
+    "KeyedLockMiddleware",
     "LockAborted",
     "LockBusy",
     "LockReentryError",
     "LockStats",
     "LockTimeout",
     "QueueFull",
+    "Rejection",
     "__version__",
+    "keys",
     "mutex",
 ]

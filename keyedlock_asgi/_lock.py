@@ -3,12 +3,14 @@
 Design, in short:
 - State lives per event loop (asyncio loop or trio run), so one `KeyedLock` serves successive
   loops (a TestClient per test) and trio alike.
-- Per key: the tasks holding it and, only once someone has to wait, a FIFO deque of waiters.
-  A key with neither is deleted from the table, so idle keys cost nothing.
+- The table maps a key in use to its single holder (the `Held` itself: nothing else is
+  allocated on the uncontended path) or, once someone must wait or several may hold, to a
+  `_KeyState` with the holders' tasks and a FIFO deque of waiters. A key with no holder and no
+  waiter is deleted, so idle keys cost nothing.
 - Release hands the key directly to the first waiter (it becomes a holder before it even
   wakes), so nobody can barge in. A waiter that is cancelled or times out after being handed
   the key passes it on, or uses it: a `granted` flag settles every race.
-- The uncontended path is one dict lookup and one small object; it does not yield to the loop.
+- The uncontended path does not yield to the event loop (like `asyncio.Lock`).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from time import perf_counter
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Final, Literal, ParamSpec, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Final, Literal, ParamSpec, TypeVar, Union, overload
 
 import anyio
 
@@ -38,12 +40,15 @@ from ._errors import (
 )
 
 if TYPE_CHECKING:
+    from ._hooks import OnAcquired, OnRejected, OnReleased
     from .backends import BackendLease, LockBackend
+    from .keys import KeyExtractor
 
 __all__ = ["Held", "KeyedLock", "LockStats", "OnBackendError", "OnError", "mutex"]
 
 T = TypeVar("T")
 P = ParamSpec("P")
+F = TypeVar("F", bound=Callable[..., Any])
 OnError = Literal["continue", "stop"]
 OnBackendError = Literal["closed", "open"]
 
@@ -59,7 +64,20 @@ class _Unset:
 
 UNSET: Final = _Unset()
 
-_current_asyncio_task = asyncio.current_task
+try:  # the running asyncio task of a loop, without a Python-level call where possible
+    from _asyncio import current_task as _task_of_loop  # type: ignore[attr-defined]
+except ImportError:  # pragma: no cover - depends on the Python version
+    try:
+        from asyncio.tasks import _current_tasks  # type: ignore[attr-defined]
+
+        _task_of_loop = _current_tasks.get
+    except ImportError:
+        _task_of_loop = asyncio.current_task
+_running_loop = asyncio._get_running_loop
+_new_held = object.__new__
+
+# (timeout, max_waiting, on_error) of one hold
+_Options = tuple[Union[float, None], Union[int, None], OnError]  # noqa: UP007
 
 
 @dataclass(frozen=True)
@@ -87,70 +105,38 @@ class _Waiter:
 
 
 class _KeyState:
-    """A key in use: the tasks that acquired its holds, and its queue once contended."""
+    """A contended key (or one with several holders): holders' tasks and the FIFO queue."""
 
     __slots__ = ("owners", "waiters")
 
-    def __init__(self, owner: object) -> None:
-        self.owners = [owner]
-        self.waiters: deque[_Waiter] | None = None
+    def __init__(self, owners: list[object]) -> None:
+        self.owners = owners
+        self.waiters: deque[_Waiter] = deque()
 
 
 class _LoopState:
-    """The key table of one event loop, with that loop's way of parking a waiter."""
+    """The key table of one event loop, and how that loop parks and wakes a waiter.
 
-    __slots__ = ("__weakref__", "keys")
+    asyncio: a waiter awaits a bare future (the cheapest wake-up); trio: a `trio.Event`.
+    """
 
-    def __init__(self) -> None:
-        self.keys: dict[str, _KeyState] = {}
+    __slots__ = ("__weakref__", "event_class", "keys", "loop")
 
-    def new_signal(self) -> Any:
-        raise NotImplementedError
-
-    async def wait(self, signal: Any) -> None:
-        raise NotImplementedError
-
-    def wake(self, signal: Any) -> None:
-        raise NotImplementedError
-
-
-class _AsyncioLoopState(_LoopState):
-    """Waiters park on a bare future: the cheapest wake-up asyncio has."""
-
-    __slots__ = ("loop",)
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        super().__init__()
-        self.loop = loop
-
-    def new_signal(self) -> asyncio.Future[None]:
-        return self.loop.create_future()
-
-    async def wait(self, signal: asyncio.Future[None]) -> None:
-        await signal
-
-    def wake(self, signal: asyncio.Future[None]) -> None:
-        if not signal.done():
-            signal.set_result(None)
-
-
-class _TrioLoopState(_LoopState):
-    """Waiters park on a `trio.Event`."""
-
-    __slots__ = ("event_class",)
-
-    def __init__(self, event_class: Any) -> None:
-        super().__init__()
-        self.event_class = event_class
+    def __init__(self, loop: asyncio.AbstractEventLoop | None, event_class: Any = None) -> None:
+        self.keys: dict[str, Held | _KeyState] = {}
+        self.loop = loop  # asyncio: waiters park on a bare future, the cheapest wake-up
+        self.event_class = event_class  # trio: waiters park on a trio.Event
 
     def new_signal(self) -> Any:
+        if self.loop is not None:
+            return self.loop.create_future()
         return self.event_class()
 
-    async def wait(self, signal: Any) -> None:
-        await signal.wait()
-
     def wake(self, signal: Any) -> None:
-        signal.set()
+        if self.loop is None:
+            signal.set()
+        elif not signal.done():
+            signal.set_result(None)
 
 
 def _trio_current() -> tuple[object, object] | None:
@@ -165,51 +151,54 @@ def _trio_current() -> tuple[object, object] | None:
         return None
 
 
+def _holds(entry: Held | _KeyState, task: object) -> bool:
+    """Whether `task` acquired one of the holds on this table entry."""
+    if type(entry) is Held:
+        return entry._task is task
+    return task in entry.owners  # type: ignore[union-attr]
+
+
 class Held:
-    """A hold on one or more keys of a `KeyedLock`: use it with `async with`.
+    """A hold on one or more keys of a `KeyedLock`: use it once, with `async with`.
 
     Entering waits for every key (in sorted order, all or nothing); leaving releases them.
     Inside the block the attributes tell what was granted.
     """
 
     __slots__ = (
-        "_entered",
-        "_keys",
+        "_key",
         "_leases",
         "_lock",
-        "_max_waiting",
-        "_on_error",
+        "_options",
         "_state",
         "_task",
-        "_timeout",
+        "_token",
         "_tokens",
-        "token",
-        "waited",
+        "_waited",
     )
+    _task: object  # the task that entered
+    _state: _LoopState | None  # the loop's table while held, then None
+    _token: int
+    _tokens: list[int]  # several keys: each one's token
+    _waited: float
+    _leases: list[BackendLease | None]  # with a backend: the engine's holds
 
-    def __init__(
-        self,
-        lock: KeyedLock,
-        keys: tuple[str, ...],
-        timeout: float | None,
-        max_waiting: int | None,
-        on_error: OnError,
-    ) -> None:
+    def __init__(self, lock: KeyedLock, key: str | tuple[str, ...], options: _Options) -> None:
+        # Only what every hold needs: the rest is set when granted (the hot path is lean).
         self._lock = lock
-        self._keys = keys  # prefixed, sorted, unique
-        self._timeout = timeout
-        self._max_waiting = max_waiting
-        self._on_error = on_error
-        self._entered = False
-        self._state: _LoopState | None = None
-        self._task: object = None
-        self._tokens: list[int] | None = None
-        self._leases: list[BackendLease | None] | None = None
-        self.token = 0
+        self._key = key  # prefixed; several keys: a sorted tuple without duplicates
+        self._options = options
+
+    @property
+    def token(self) -> int:
         """The fencing token: strictly increasing per key across grants (several keys: the
-        largest). `0` only while not held, or under a fail-open fallback (not fenced)."""
-        self.waited = 0.0
+        largest). `0` before the hold is granted, and under a fail-open fallback (not fenced)."""
+        return getattr(self, "_token", 0)
+
+    @property
+    def waited(self) -> float:
         """Seconds spent waiting for the keys."""
+        return getattr(self, "_waited", 0.0)
 
     @property
     def lock(self) -> KeyedLock:
@@ -219,47 +208,53 @@ class Held:
     @property
     def keys(self) -> tuple[str, ...]:
         """The keys as passed (without the lock's prefix), sorted, duplicates removed."""
+        keys = (self._key,) if isinstance(self._key, str) else self._key
         cut = len(self._lock.key_prefix)
         if not cut:
-            return self._keys
-        return tuple(key[cut:] for key in self._keys)
+            return keys
+        return tuple(key[cut:] for key in keys)
 
     @property
     def tokens(self) -> dict[str, int]:
         """Each key's fencing token."""
-        if self._tokens is None:
+        tokens: list[int] | None = getattr(self, "_tokens", None)
+        if tokens is None:
             return dict.fromkeys(self.keys, self.token)
-        return dict(zip(self.keys, self._tokens, strict=True))
+        return dict(zip(self.keys, tokens, strict=True))
 
     def __repr__(self) -> str:
-        status = "held" if self._entered and self._state is not None else "not held"
+        status = "held" if getattr(self, "_state", None) is not None else "not held"
         return f"<Held keys={self.keys!r} {status} token={self.token}>"
 
     async def __aenter__(self) -> Held:
-        if self._entered:
-            raise RuntimeError("this hold was already entered; call lock.hold() again")
-        self._entered = True
         lock = self._lock
-        state, task = lock._current()
+        loop = _running_loop()
+        cached_loop, state = lock._cache
+        task = _task_of_loop(loop) if loop is not None else None
+        if task is None or loop is not cached_loop:
+            state, task = lock._current()
+        assert state is not None
         self._task = task
-        keys = self._keys
-        if len(keys) == 1 and lock._backend is None:
+        key = self._key
+        if type(key) is str and lock._backend is None:
             # The hot path: one key, in-process only.
-            key = keys[0]
             table = state.keys
             entry = table.get(key)
             if entry is None:
-                table[key] = _KeyState(task)
-                self.token = next(lock._fence)
+                table[key] = self
+                self._token = next(lock._fence)
                 self._state = state
                 return self
-            if task in entry.owners:
-                raise LockReentryError(f"this task already holds the key {keys[0]!r}")
-        else:
-            for key in keys:
-                entry = state.keys.get(key)
-                if entry is not None and task in entry.owners:
-                    raise LockReentryError(f"this task already holds the key {key!r}")
+            if _holds(entry, task):
+                raise LockReentryError(f"this task already holds the key {key!r}")
+            queue = lock._grant_now(state, key, self, task)
+            if queue is not None:
+                start = perf_counter()
+                await lock._wait(state, key, queue, task, self._options[0])
+                self._waited = perf_counter() - start
+            self._token = next(lock._fence)
+            self._state = state
+            return self
         await self._acquire_all(state, task)
         return self
 
@@ -269,42 +264,79 @@ class Held:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        state = self._state
+        try:
+            state = self._state
+        except AttributeError:
+            state = None
         if state is None:
-            raise RuntimeError("this hold is not held")
+            raise RuntimeError("this hold is not held") from None
         self._state = None
+        lock = self._lock
+        key = self._key
         if (
             exc is not None
-            and self._on_error == "stop"
+            and self._options[2] == "stop"
             and not isinstance(exc, anyio.get_cancelled_exc_class())
         ):
-            for key in self._keys:
-                self._lock._abort_waiters(state, key, exc)
-        if self._leases is not None:
-            await self._release_leases(len(self._keys))
-        release = self._lock._release
-        for key in self._keys:
-            release(state, key, self._task)
+            for one in (key,) if type(key) is str else key:
+                lock._abort_waiters(state, one, exc)
+        if lock._backend is not None:
+            await self._release_leases(self._leases)
+        if type(key) is str:
+            table = state.keys
+            entry = table.pop(key)
+            if entry is not self:  # contended: put it back and hand the key on
+                table[key] = entry
+                lock._release(state, key, self._task)
+        else:
+            for one in key:
+                lock._release(state, one, self._task)
+
+    def _enter_now(self) -> bool:
+        """Enter without waiting if that is possible (one key, in-process, grantable now).
+
+        False, with nothing changed, when `__aenter__` would have to wait (or talk to a
+        backend); raises what `__aenter__` would raise at once (busy, queue full, re-entry).
+        Lets the ASGI layer start its disconnect watcher only for requests that must queue.
+        """
+        lock = self._lock
+        key = self._key
+        if type(key) is not str or lock._backend is not None:
+            return False
+        state, task = lock._current()
+        entry = state.keys.get(key)
+        if entry is not None and _holds(entry, task):
+            raise LockReentryError(f"this task already holds the key {key!r}")
+        if lock._grant_now(state, key, self, task) is not None:
+            return False
+        self._task = task
+        self._state = state
+        self._token = next(lock._fence)
+        return True
 
     async def _acquire_all(self, state: _LoopState, task: object) -> None:
-        """Take every key in order; on any failure give back what was taken."""
+        """Several keys, or a backend: take every key in order, all or nothing."""
         lock = self._lock
         backend = lock._backend
-        timeout = self._timeout
+        keys = (self._key,) if type(self._key) is str else self._key
+        for key in keys:
+            entry = state.keys.get(key)
+            if entry is not None and _holds(entry, task):
+                raise LockReentryError(f"this task already holds the key {key!r}")
+        timeout = self._options[0]
         start = perf_counter()
-        deadline = None if timeout is None or timeout == 0 else start + timeout
+        deadline = None if not timeout else start + timeout
         tokens: list[int] = []
         leases: list[BackendLease | None] = []
-        if backend is not None:
-            self._leases = leases
         waited = False
         taken = 0
         try:
-            for key in self._keys:
+            for key in keys:
                 remaining = timeout if deadline is None else max(deadline - perf_counter(), 0.0)
-                if not lock._grant_now(state, key, task, remaining, self._max_waiting):
+                queue = lock._grant_now(state, key, self, task)
+                if queue is not None:
                     waited = True
-                    await lock._wait(state, key, task, remaining)
+                    await lock._wait(state, key, queue, task, remaining)
                 taken += 1
                 if backend is None:
                     tokens.append(next(lock._fence))
@@ -312,44 +344,46 @@ class Held:
                 waited = True
                 if deadline is not None:
                     remaining = max(deadline - perf_counter(), 0.0)
-                try:
-                    lease: BackendLease | None = await backend.acquire(
-                        key, timeout=remaining, max_concurrency=lock.max_concurrency
-                    )
-                except BackendUnavailable:
-                    if lock.on_backend_error == "closed":
-                        raise
-                    logger.warning(
-                        "lock backend unavailable; serving under the in-process lock only "
-                        "(on_backend_error='open')",
-                        exc_info=True,
-                    )
-                    lease = None
-                leases.append(lease)
-                tokens.append(0 if lease is None else lease.token)
+                leases.append(await self._acquire_lease(backend, key, remaining))
+                tokens.append(0 if leases[-1] is None else leases[-1].token)
         except BaseException:
             with anyio.CancelScope(shield=True):
-                if self._leases is not None:
-                    await self._release_leases(len(leases))
-                    self._leases = None
-                for key in self._keys[:taken]:
+                await self._release_leases(leases)
+                for key in keys[:taken]:
                     lock._release(state, key, task)
             raise
         if waited:
-            self.waited = perf_counter() - start
+            self._waited = perf_counter() - start
+        self._leases = leases
         self._state = state
         if len(tokens) == 1:
-            self.token = tokens[0]
+            self._token = tokens[0]
         else:
             self._tokens = tokens
-            self.token = max(tokens)
+            self._token = max(tokens)
 
-    async def _release_leases(self, count: int) -> None:
+    async def _acquire_lease(
+        self, backend: LockBackend, key: str, timeout: float | None
+    ) -> BackendLease | None:
+        """The engine-level hold; None when the engine is down and the lock fails open."""
+        lock = self._lock
+        try:
+            return await backend.acquire(key, timeout=timeout, max_concurrency=lock.max_concurrency)
+        except BackendUnavailable:
+            if lock.on_backend_error == "closed":
+                raise
+            logger.warning(
+                "lock backend unavailable; serving under the in-process lock only "
+                "(on_backend_error='open')",
+                exc_info=True,
+            )
+            return None
+
+    @staticmethod
+    async def _release_leases(leases: list[BackendLease | None]) -> None:
         """Give engine leases back, shielded: a cancelled request must not strand a key."""
-        leases = self._leases
-        assert leases is not None
         with anyio.CancelScope(shield=True):
-            for lease in reversed(leases[:count]):
+            for lease in reversed(leases):
                 if lease is None:
                     continue
                 try:
@@ -387,16 +421,44 @@ class KeyedLock:
             raise TypeError("key_prefix must be a str")
         if on_backend_error not in ("closed", "open"):
             raise ValueError("on_backend_error must be 'closed' or 'open'")
-        self.timeout = timeout
-        self.max_waiting = max_waiting
-        self.max_concurrency = max_concurrency
-        self.on_error: OnError = on_error
-        self.key_prefix = key_prefix
-        self.on_backend_error: OnBackendError = on_backend_error
+        self._defaults: _Options = (timeout, max_waiting, on_error)
+        self._max_concurrency = max_concurrency
+        self._key_prefix = key_prefix
+        self._on_backend_error: OnBackendError = on_backend_error
         self._backend = backend
         self._fence = itertools.count(1)
         self._states: weakref.WeakKeyDictionary[object, _LoopState] = weakref.WeakKeyDictionary()
         self._cache: tuple[object, _LoopState | None] = (None, None)
+
+    @property
+    def timeout(self) -> float | None:
+        """Default seconds to wait for a key: None waits forever, 0 fails at once."""
+        return self._defaults[0]
+
+    @property
+    def max_waiting(self) -> int | None:
+        """Default bound on callers queued per key (holders not counted)."""
+        return self._defaults[1]
+
+    @property
+    def on_error(self) -> OnError:
+        """Default policy when a holder's block raises: "continue" or "stop"."""
+        return self._defaults[2]
+
+    @property
+    def max_concurrency(self) -> int:
+        """How many may hold one key at once (1: a mutex)."""
+        return self._max_concurrency
+
+    @property
+    def key_prefix(self) -> str:
+        """Namespace prepended to every key."""
+        return self._key_prefix
+
+    @property
+    def on_backend_error(self) -> OnBackendError:
+        """ "closed": an unreachable engine raises `BackendUnavailable`; "open": in-process only."""
+        return self._on_backend_error
 
     @property
     def backend(self) -> LockBackend | None:
@@ -414,7 +476,9 @@ class KeyedLock:
 
     def hold(
         self,
-        *keys: str,
+        key: str,
+        /,
+        *more_keys: str,
         timeout: float | _Unset | None = UNSET,
         max_waiting: int | _Unset | None = UNSET,
         on_error: OnError | _Unset = UNSET,
@@ -424,32 +488,20 @@ class KeyedLock:
         Several keys are taken in sorted order, all or nothing, so two callers asking for the
         same keys in different orders can never deadlock.
         """
-        if len(keys) == 1:
-            key = keys[0]
-            if not isinstance(key, str):
-                raise TypeError(f"keys must be str, not {type(key).__name__}")
-            prefixed: tuple[str, ...] = (self.key_prefix + key,)
-        else:
-            if not keys:
-                raise ValueError("hold() needs at least one key")
-            for key in keys:
-                if not isinstance(key, str):
-                    raise TypeError(f"keys must be str, not {type(key).__name__}")
-            prefix = self.key_prefix
-            prefixed = tuple(sorted({prefix + key for key in keys}))
-        if isinstance(timeout, _Unset):
-            timeout = self.timeout
-        elif timeout is not None:
-            _check_timeout(timeout)
-        if isinstance(max_waiting, _Unset):
-            max_waiting = self.max_waiting
-        elif max_waiting is not None:
-            _check_max_waiting(max_waiting)
-        if isinstance(on_error, _Unset):
-            on_error = self.on_error
-        else:
-            _check_on_error(on_error)
-        return Held(self, prefixed, timeout, max_waiting, on_error)
+        if more_keys or type(key) is not str:
+            return Held(
+                self, self._key_set(key, more_keys), self._options(timeout, max_waiting, on_error)
+            )
+        if self._key_prefix:
+            key = self._key_prefix + key
+        if timeout is UNSET and max_waiting is UNSET and on_error is UNSET:
+            # The hot path: skip Held.__init__'s frame.
+            held = _new_held(Held)
+            held._lock = self
+            held._key = key
+            held._options = self._defaults
+            return held
+        return Held(self, key, self._options(timeout, max_waiting, on_error))
 
     @overload
     async def run(
@@ -476,17 +528,15 @@ class KeyedLock:
     def locked(self, key: str) -> bool:
         """Whether someone holds `key` on the current event loop."""
         state = self._current_state()
-        return state is not None and (self.key_prefix + key) in state.keys
+        return state is not None and (self._key_prefix + key) in state.keys
 
     def waiting(self, key: str) -> int:
         """How many callers are queued on `key` on the current event loop."""
         state = self._current_state()
         if state is None:
             return 0
-        entry = state.keys.get(self.key_prefix + key)
-        if entry is None or entry.waiters is None:
-            return 0
-        return len(entry.waiters)
+        entry = state.keys.get(self._key_prefix + key)
+        return len(entry.waiters) if isinstance(entry, _KeyState) else 0
 
     def stats(self) -> LockStats:
         """Totals for the current event loop (all zero outside one)."""
@@ -495,22 +545,81 @@ class KeyedLock:
             return LockStats(0, 0, 0)
         holders = waiting = 0
         for entry in state.keys.values():
-            holders += len(entry.owners)
-            if entry.waiters:
+            if isinstance(entry, _KeyState):
+                holders += len(entry.owners)
                 waiting += len(entry.waiters)
+            else:
+                holders += 1
         return LockStats(len(state.keys), holders, waiting)
 
-    def serialize(self, key: Any, **options: Any) -> Any:
-        """Decorate a Starlette endpoint or FastAPI path operation to run under `key`."""
+    def serialize(
+        self,
+        key: str | KeyExtractor,
+        *,
+        timeout: float | _Unset | None = UNSET,
+        max_waiting: int | _Unset | None = UNSET,
+        on_error: OnError | _Unset = UNSET,
+        on_missing_key: Literal["pass", "reject"] = "pass",
+        max_key_length: int = 256,
+        on_acquired: OnAcquired | None = None,
+        on_released: OnReleased | None = None,
+        on_rejected: OnRejected | None = None,
+    ) -> Callable[[F], F]:
+        """Decorate a Starlette endpoint or FastAPI path operation to run under `key`.
+
+        `key`: a string, or a key extractor `(scope) -> str | None` (see `keys`). The key is
+        held until the response has been sent, streamed bodies included. Options left out
+        are the lock's defaults; rejections answer like `KeyedLockMiddleware`.
+        """
         from ._route_guard import serialize
 
-        return serialize(self, key, **options)
+        return serialize(
+            self,
+            key,
+            timeout=timeout,
+            max_waiting=max_waiting,
+            on_error=on_error,
+            on_missing_key=on_missing_key,
+            max_key_length=max_key_length,
+            on_acquired=on_acquired,
+            on_released=on_released,
+            on_rejected=on_rejected,
+        )
 
-    def depends(self, key: Any, **options: Any) -> Any:
-        """A FastAPI dependency (`dependencies=[lock.depends(...)]`) that holds `key`."""
+    def depends(
+        self,
+        key: str | Callable[..., Any],
+        *,
+        timeout: float | _Unset | None = UNSET,
+        max_waiting: int | _Unset | None = UNSET,
+        on_error: OnError | _Unset = UNSET,
+        on_missing_key: Literal["pass", "reject"] = "pass",
+        max_key_length: int = 256,
+        on_acquired: OnAcquired | None = None,
+        on_released: OnReleased | None = None,
+        on_rejected: OnRejected | None = None,
+    ) -> Any:
+        """A FastAPI dependency (`dependencies=[lock.depends(...)]`) that holds `key`.
+
+        `key`: a string, an extractor made by `keys` (read from the request), or any other
+        callable, which is a FastAPI dependency returning the key (its own parameters are
+        resolved and validated by FastAPI first). Used as a parameter, it gives the `Held`
+        covering the key, or None when the request has no key.
+        """
         from ._route_guard import depends
 
-        return depends(self, key, **options)
+        return depends(
+            self,
+            key,
+            timeout=timeout,
+            max_waiting=max_waiting,
+            on_error=on_error,
+            on_missing_key=on_missing_key,
+            max_key_length=max_key_length,
+            on_acquired=on_acquired,
+            on_released=on_released,
+            on_rejected=on_rejected,
+        )
 
     async def aclose(self) -> None:
         """Close the backend's connections, if the lock has a backend."""
@@ -519,31 +628,62 @@ class KeyedLock:
 
     # -- internals --------------------------------------------------------------------------
 
+    def _key_set(self, key: str, more_keys: tuple[str, ...]) -> str | tuple[str, ...]:
+        """Several keys: prefixed, sorted, without duplicates (one left: a plain str)."""
+        for one in (key, *more_keys):
+            if not isinstance(one, str):
+                raise TypeError(f"keys must be str, not {type(one).__name__}")
+        prefix = self._key_prefix
+        unique = sorted({prefix + one for one in (key, *more_keys)})
+        return unique[0] if len(unique) == 1 else tuple(unique)
+
+    def _options(
+        self,
+        timeout: float | _Unset | None,
+        max_waiting: int | _Unset | None,
+        on_error: OnError | _Unset,
+    ) -> _Options:
+        """Per-call options, each defaulting to the lock's."""
+        if isinstance(timeout, _Unset):
+            timeout = self.timeout
+        else:
+            _check_timeout(timeout)
+        if isinstance(max_waiting, _Unset):
+            max_waiting = self.max_waiting
+        else:
+            _check_max_waiting(max_waiting)
+        if isinstance(on_error, _Unset):
+            on_error = self.on_error
+        else:
+            _check_on_error(on_error)
+        return (timeout, max_waiting, on_error)
+
     def _current(self) -> tuple[_LoopState, object]:
         """The current event loop's key table and the current task."""
-        try:
-            task = _current_asyncio_task()
-        except RuntimeError:
-            task = None
+        loop = _running_loop()
+        task = _task_of_loop(loop) if loop is not None else None
         if task is not None:
-            loop = task.get_loop()
             cached_loop, cached_state = self._cache
             if cached_loop is loop and cached_state is not None:
                 return cached_state, task
             state = self._states.get(loop)
             if state is None:
-                state = self._states[loop] = _AsyncioLoopState(loop)
+                state = self._states[loop] = _LoopState(loop)
             self._cache = (loop, state)
             return state, task
         found = _trio_current()
         if found is None:
             raise RuntimeError("KeyedLock must be used from a task on an asyncio or trio loop")
         root, trio_task = found
+        cached_root, cached_state = self._cache
+        if cached_root is root and cached_state is not None:
+            return cached_state, trio_task
         state = self._states.get(root)
         if state is None:
             import trio
 
-            state = self._states[root] = _TrioLoopState(trio.Event)
+            state = self._states[root] = _LoopState(None, trio.Event)
+        self._cache = (root, state)
         return state, trio_task
 
     def _current_state(self) -> _LoopState | None:
@@ -553,44 +693,54 @@ class KeyedLock:
         except RuntimeError:
             return None
 
-    def _grant_now(
+    def _grant_now(self, state: _LoopState, key: str, held: Held, task: object) -> _KeyState | None:
+        """Take `key` if it is free now (None), or return the queue the caller must join.
+
+        Raises `LockBusy` / `QueueFull` when the caller may not queue.
+        """
+        table = state.keys
+        entry = table.get(key)
+        if entry is None:
+            table[key] = held
+            return None
+        if type(entry) is Held:
+            if self._max_concurrency > 1:
+                table[key] = _KeyState([entry._task, task])
+                return None
+            queued = 0
+        else:
+            assert isinstance(entry, _KeyState)
+            if len(entry.owners) < self._max_concurrency and not entry.waiters:
+                entry.owners.append(task)
+                return None
+            queued = len(entry.waiters)
+        timeout, max_waiting, _ = held._options
+        if timeout == 0:
+            raise LockBusy("the key is held")
+        if max_waiting is not None and queued >= max_waiting:
+            raise QueueFull(f"{queued} callers already wait for the key (max_waiting)")
+        if isinstance(entry, Held):
+            entry = table[key] = _KeyState([entry._task])
+        return entry
+
+    async def _wait(
         self,
         state: _LoopState,
         key: str,
+        entry: _KeyState,
         task: object,
         timeout: float | None,
-        max_waiting: int | None,
-    ) -> bool:
-        """Take `key` if it is free; otherwise say whether the caller may queue (or raise)."""
-        entry = state.keys.get(key)
-        if entry is None:
-            state.keys[key] = _KeyState(task)
-            return True
-        if len(entry.owners) < self.max_concurrency and not entry.waiters:
-            entry.owners.append(task)
-            return True
-        if timeout == 0:
-            raise LockBusy("the key is held")
-        if max_waiting is not None and entry.waiters is not None:
-            if len(entry.waiters) >= max_waiting:
-                raise QueueFull(f"{max_waiting} callers already wait for the key")
-        elif max_waiting == 0:
-            raise QueueFull("no caller may wait for the key (max_waiting=0)")
-        return False
-
-    async def _wait(self, state: _LoopState, key: str, task: object, timeout: float | None) -> None:
-        """Queue for `key` and wait until it is handed over (then the caller holds it)."""
-        entry = state.keys[key]
+    ) -> None:
+        """Wait in `entry`'s queue until `key` is handed over (then the caller holds it)."""
         waiter = _Waiter(task, state.new_signal())
-        if entry.waiters is None:
-            entry.waiters = deque()
         entry.waiters.append(waiter)
+        signal = waiter.signal
         try:
             if timeout is None:
-                await state.wait(waiter.signal)
+                await (signal if state.loop is not None else signal.wait())
             else:
                 with anyio.move_on_after(timeout):
-                    await state.wait(waiter.signal)
+                    await (signal if state.loop is not None else signal.wait())
         except BaseException:
             # Cancelled: pass the key on if it was already handed to us, else leave the queue.
             if waiter.granted:
@@ -600,41 +750,52 @@ class KeyedLock:
             raise
         if waiter.granted:
             return
+        self._leave_queue(state, key, entry, waiter)
         if waiter.aborted is not None:
             raise LockAborted("the holder of the key failed") from waiter.aborted
-        self._leave_queue(state, key, entry, waiter)
-        raise LockTimeout(f"the key was not granted within {timeout} seconds")
+        error = LockTimeout(f"the key was not granted within {timeout:g} seconds")
+        error.retry_after = timeout
+        raise error
 
-    def _leave_queue(self, state: _LoopState, key: str, entry: _KeyState, waiter: _Waiter) -> None:
+    @staticmethod
+    def _leave_queue(state: _LoopState, key: str, entry: _KeyState, waiter: _Waiter) -> None:
         """Remove a waiter that gave up; drop the key's state if nobody else needs it."""
-        waiters = entry.waiters
-        if waiters is not None:
-            with contextlib.suppress(ValueError):  # already taken off the queue (aborted)
-                waiters.remove(waiter)
-        if not entry.owners and not waiters and state.keys.get(key) is entry:
+        with contextlib.suppress(ValueError):  # already taken off the queue (aborted)
+            entry.waiters.remove(waiter)
+        if not entry.owners and not entry.waiters and state.keys.get(key) is entry:
             del state.keys[key]
 
-    def _release(self, state: _LoopState, key: str, task: object) -> None:
+    @staticmethod
+    def _release(state: _LoopState, key: str, task: object) -> None:
         """Give one hold on `key` back: hand it to the first waiter, or forget the key."""
-        entry = state.keys[key]
-        entry.owners.remove(task)
-        waiters = entry.waiters
-        if waiters:
-            waiter = waiters.popleft()
+        table = state.keys
+        entry = table[key]
+        if type(entry) is Held:
+            del table[key]
+            return
+        assert isinstance(entry, _KeyState)
+        owners = entry.owners
+        owners.remove(task)
+        if entry.waiters:
+            waiter = entry.waiters.popleft()
             waiter.granted = True
-            entry.owners.append(waiter.task)
-            state.wake(waiter.signal)
-        elif not entry.owners:
-            del state.keys[key]
+            owners.append(waiter.task)
+            signal = waiter.signal
+            if state.loop is None:
+                signal.set()
+            elif not signal.done():
+                signal.set_result(None)
+        elif not owners:
+            del table[key]
 
-    def _abort_waiters(self, state: _LoopState, key: str, cause: BaseException) -> None:
+    @staticmethod
+    def _abort_waiters(state: _LoopState, key: str, cause: BaseException) -> None:
         """`on_error="stop"`: every caller queued on `key` right now gets `LockAborted`."""
         entry = state.keys.get(key)
-        if entry is None or not entry.waiters:
+        if not isinstance(entry, _KeyState):
             return
-        waiters = entry.waiters
-        while waiters:
-            waiter = waiters.popleft()
+        while entry.waiters:
+            waiter = entry.waiters.popleft()
             waiter.aborted = cause
             state.wake(waiter.signal)
 

@@ -1,0 +1,288 @@
+"""`KeyedLockMiddleware`: serialize same-key HTTP requests in any ASGI app (pure ASGI).
+
+The middleware object holds configuration only; per-request state lives in locals and, for a
+request that has to queue, in a small `_Watcher`. The uncontended path takes the key without
+yielding to the event loop and starts no task; only a request that must wait gets a watcher
+that reads `receive()` (buffering body chunks, spotting a disconnect) while it queues.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterable
+from time import perf_counter
+from typing import Any, Literal, TypeAlias
+
+import anyio
+
+from . import keys as _keys
+from ._errors import KeyedLockError, LockReentryError
+from ._hooks import Hooks, OnAcquired, OnRejected, OnReleased
+from ._lock import UNSET, Held, KeyedLock, OnError, _Unset
+from ._responses import (
+    BODY_TOO_LARGE,
+    INVALID_KEY,
+    MISSING_KEY,
+    Rejection,
+    rejection_for,
+    send_rejection,
+)
+from ._routes import RouteFilter
+from ._types import ASGIApp, Message, Receive, Scope, Send
+
+__all__ = ["SCOPE_KEY", "BusyResponse", "KeyedLockMiddleware"]
+
+SCOPE_KEY = "keyedlock"
+"""`scope["keyedlock"]`: the `Held` of each layer holding keys for this request, outermost first."""
+
+DEFAULT_MAX_BUFFERED_BODY = 1024 * 1024
+
+BusyResponse: TypeAlias = Callable[[Scope, Rejection], "ASGIApp | Awaitable[ASGIApp | None] | None"]
+"""`busy_response(scope, rejection)`: an ASGI app (a Starlette `Response` works) that answers the
+rejected request, or None for the default JSON answer."""
+
+
+class KeyedLockMiddleware:
+    """Requests that give the same key run one at a time, in arrival order; others pass.
+
+    The key is held until the wrapped app returns: the whole response sent, background tasks
+    done. See `docs/middleware.md` for every option and the responses.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        key: _keys.KeyExtractor,
+        lock: KeyedLock | None = None,
+        methods: Iterable[str] | None = None,
+        include: Iterable[str] | None = None,
+        exclude: Iterable[str] | None = None,
+        timeout: float | _Unset | None = UNSET,
+        max_waiting: int | _Unset | None = UNSET,
+        on_error: OnError | _Unset = UNSET,
+        on_missing_key: Literal["pass", "reject"] = "pass",
+        max_key_length: int = _keys.DEFAULT_MAX_KEY_LENGTH,
+        max_buffered_body: int = DEFAULT_MAX_BUFFERED_BODY,
+        busy_response: BusyResponse | None = None,
+        server_timing: bool = False,
+        on_acquired: OnAcquired | None = None,
+        on_released: OnReleased | None = None,
+        on_rejected: OnRejected | None = None,
+    ) -> None:
+        if not callable(key):
+            raise TypeError("key must be a key extractor: a callable taking the ASGI scope")
+        if lock is None:
+            lock = KeyedLock()
+        elif not isinstance(lock, KeyedLock):
+            raise TypeError("lock must be a KeyedLock")
+        if isinstance(methods, str):
+            raise TypeError("methods takes a list of method names, not one str")
+        if on_missing_key not in ("pass", "reject"):
+            raise ValueError("on_missing_key must be 'pass' or 'reject'")
+        _check_positive_int("max_key_length", max_key_length, minimum=1)
+        _check_positive_int("max_buffered_body", max_buffered_body, minimum=0)
+        if busy_response is not None and not callable(busy_response):
+            raise TypeError("busy_response must be callable")
+        # Validate per-call overrides once, here, rather than on every request.
+        lock.hold("", timeout=timeout, max_waiting=max_waiting, on_error=on_error)
+        self.app = app
+        self.key = key
+        self.lock = lock
+        self.methods = None if methods is None else frozenset(m.upper() for m in methods)
+        self.timeout = timeout
+        self.max_waiting = max_waiting
+        self.on_error = on_error
+        self.on_missing_key = on_missing_key
+        self.max_key_length = max_key_length
+        self.max_buffered_body = max_buffered_body
+        self.busy_response = busy_response
+        self.server_timing = server_timing
+        self.hooks = Hooks(on_acquired, on_released, on_rejected)
+        self._hold_options: dict[str, Any] = {
+            name: value
+            for name, value in (
+                ("timeout", timeout),
+                ("max_waiting", max_waiting),
+                ("on_error", on_error),
+            )
+            if value is not UNSET
+        }
+        routes = RouteFilter(include, exclude)
+        self._routes = routes if routes.active else None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or (
+            self.methods is not None and scope["method"] not in self.methods
+        ):
+            await self.app(scope, receive, send)
+            return
+        if self._routes is not None:
+            params = self._routes.match(scope)
+            if params is None:
+                await self.app(scope, receive, send)
+                return
+            if params:
+                scope[_keys.TEMPLATE_PARAMS] = params
+        key = self.key(scope)
+        if type(key) is not str or not key:
+            if key is not None and key != "":
+                key = await _keys._settle_any(key)
+            if not key:
+                if self.on_missing_key == "reject":
+                    await self._reject(scope, receive, send, MISSING_KEY)
+                else:
+                    await self.app(scope, receive, send)
+                return
+        if not _keys._key_is_valid(key, self.max_key_length):
+            await self._reject(scope, receive, send, INVALID_KEY)
+            return
+        lock = self.lock
+        outer = scope.get(SCOPE_KEY)
+        if outer and any(held.lock is lock and key in held.keys for held in outer):
+            await self.app(scope, receive, send)  # an outer layer holds it for this request
+            return
+        held = lock.hold(key, **self._hold_options) if self._hold_options else lock.hold(key)
+        try:
+            granted = held._enter_now()
+        except LockReentryError:
+            raise
+        except KeyedLockError as exc:
+            await self._reject(scope, receive, send, rejection_for(exc))
+            return
+        if granted:
+            await self._run(held, scope, receive, send)
+        else:
+            await self._wait_then_run(held, scope, receive, send)
+
+    async def _run(self, held: Held, scope: Scope, receive: Receive, send: Send) -> None:
+        """Call the app holding the key; release when it returns (or raises)."""
+        held_list: list[Held] | None = scope.get(SCOPE_KEY)
+        if held_list is None:
+            held_list = scope[SCOPE_KEY] = []
+        held_list.append(held)
+        hooks = self.hooks
+        started = perf_counter() if hooks.on_released is not None else 0.0
+        error: BaseException | None = None
+        try:
+            if hooks.on_acquired is not None:
+                await hooks.acquired(scope, held)
+            if self.server_timing:
+                send = _with_server_timing(send, held.waited)
+            await self.app(scope, receive, send)
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            held_list.remove(held)
+            if error is None:
+                await held.__aexit__(None, None, None)
+            else:
+                await held.__aexit__(type(error), error, error.__traceback__)
+            if hooks.on_released is not None:
+                await hooks.released(scope, held, perf_counter() - started)
+
+    async def _wait_then_run(self, held: Held, scope: Scope, receive: Receive, send: Send) -> None:
+        """Queue for the key while a watcher reads `receive()`; run the app once granted."""
+        watcher = _Watcher(receive, self.max_buffered_body)
+        error: KeyedLockError | None = None
+        entered = False
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(watcher.watch, tg.cancel_scope)
+            try:
+                await held.__aenter__()
+                entered = True
+            except KeyedLockError as exc:
+                error = exc
+            tg.cancel_scope.cancel()
+        if watcher.gone is not None:
+            if entered:  # granted at the very moment the client left: hand the key on at once
+                await held.__aexit__(None, None, None)
+            if isinstance(watcher.gone, Exception):
+                raise watcher.gone
+            if watcher.gone == "too_large":
+                await self._reject(scope, watcher.replay(), send, BODY_TOO_LARGE)
+            return  # disconnected: the client is gone, the app never sees this request
+        if error is not None:
+            await self._reject(scope, watcher.replay(), send, rejection_for(error))
+            return
+        await self._run(held, scope, watcher.replay(), send)
+
+    async def _reject(
+        self, scope: Scope, receive: Receive, send: Send, rejection: Rejection
+    ) -> None:
+        """Answer without running the app: the user's `busy_response`, or the JSON default."""
+        await self.hooks.rejected(scope, rejection)
+        if self.busy_response is not None:
+            answer = self.busy_response(scope, rejection)
+            if inspect.isawaitable(answer):
+                answer = await answer
+            if answer is not None:
+                await answer(scope, receive, send)
+                return
+        await send_rejection(send, rejection)
+
+
+class _Watcher:
+    """While a request queues: buffer what `receive()` gives, notice the client leaving."""
+
+    __slots__ = ("buffered", "gone", "limit", "messages", "receive")
+
+    def __init__(self, receive: Receive, limit: int) -> None:
+        self.receive = receive
+        self.limit = limit
+        self.messages: deque[Message] = deque()
+        self.buffered = 0
+        self.gone: Literal["disconnected", "too_large"] | Exception | None = None
+
+    async def watch(self, cancel_scope: anyio.CancelScope) -> None:
+        receive = self.receive
+        try:
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    self.gone = "disconnected"
+                    break
+                self.buffered += len(message.get("body", b""))
+                if self.buffered > self.limit:
+                    self.gone = "too_large"
+                    break
+                self.messages.append(message)
+        except Exception as exc:  # the server's receive failed: give up waiting, re-raise after
+            self.gone = exc
+        cancel_scope.cancel()
+
+    def replay(self) -> Receive:
+        """A `receive` that returns the buffered messages first, in order, then the real ones."""
+        messages = self.messages
+        receive = self.receive
+        if not messages:
+            return receive
+
+        async def replay() -> Message:
+            if messages:
+                return messages.popleft()
+            return await receive()
+
+        return replay
+
+
+def _with_server_timing(send: Send, waited: float) -> Send:
+    """Add `Server-Timing: keyedlock;dur=<ms waited>` to the response start."""
+    value = f"keyedlock;dur={waited * 1000:.3f}".encode("ascii")
+
+    async def timed_send(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            headers = [*message.get("headers", ()), (b"server-timing", value)]
+            message = {**message, "headers": headers}
+        await send(message)
+
+    return timed_send
+
+
+def _check_positive_int(name: str, value: Any, *, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int")
+    if value < minimum:
+        raise ValueError(f"{name} must be at least {minimum}")
