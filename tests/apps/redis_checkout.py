@@ -21,12 +21,12 @@ from typing import Any
 
 import redis.asyncio as aioredis
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from keyedlock_asgi import KeyedLock, KeyedLockError
-from keyedlock_asgi._responses import rejection_for
+from keyedlock_asgi import KeyedLock, KeyedLockMiddleware, keys
 from keyedlock_asgi.backends.redis import RedisBackend
 
 NS = os.environ.get("KL_NS", "checkout")
@@ -57,33 +57,25 @@ async def record(event: str, user: str, rid: str, token: int) -> None:
 
 
 async def checkout(request: Request) -> Response:
+    """Runs under KeyedLockMiddleware, which holds the X-User-Id key around the whole call."""
     user = request.headers["x-user-id"]
+    token = request.scope["keyedlock"][0].token
     rid = uuid.uuid4().hex
-    try:
-        async with lock.hold(user) as held:
-            await record("enter", user, rid, held.token)
-            balance = int(await log.get(f"{NS}:balance:{user}") or 0)
-            await asyncio.sleep(WORK)
-            await log.set(f"{NS}:balance:{user}", balance - 1)
-            await record("exit", user, rid, held.token)
-    except KeyedLockError as exc:
-        rejection = rejection_for(exc)
-        return Response(rejection.body(), rejection.status, headers=dict(_text(rejection)))
-    return JSONResponse({"token": held.token, "pid": os.getpid()})
+    await record("enter", user, rid, token)
+    balance = int(await log.get(f"{NS}:balance:{user}") or 0)
+    await asyncio.sleep(WORK)
+    await log.set(f"{NS}:balance:{user}", balance - 1)
+    await record("exit", user, rid, token)
+    return JSONResponse({"token": token, "pid": os.getpid()})
 
 
 async def hold_forever(request: Request) -> Response:
     """Enter, say which process holds the key, and keep holding until killed."""
     user = request.headers["x-user-id"]
-    async with lock.hold(user) as held:
-        await record("enter", user, uuid.uuid4().hex, held.token)
-        await log.set(f"{NS}:holder:{user}", os.getpid())
-        await asyncio.sleep(3600)
+    await record("enter", user, uuid.uuid4().hex, request.scope["keyedlock"][0].token)
+    await log.set(f"{NS}:holder:{user}", os.getpid())
+    await asyncio.sleep(3600)
     return Response(status_code=204)
-
-
-def _text(rejection: Any) -> list[tuple[str, str]]:
-    return [(k.decode(), v.decode()) for k, v in rejection.headers() if k != b"content-length"]
 
 
 @contextlib.asynccontextmanager
@@ -100,5 +92,6 @@ app = Starlette(
         Route("/checkout", checkout, methods=["POST"]),
         Route("/hold", hold_forever, methods=["POST"]),
     ],
+    middleware=[Middleware(KeyedLockMiddleware, key=keys.header("X-User-Id"), lock=lock)],
     lifespan=lifespan,
 )
