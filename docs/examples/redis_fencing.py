@@ -44,11 +44,10 @@ async def demo(url: str, namespace: str) -> dict[str, bool]:
             outcome["b"] = await fenced_write(store, record, "written by B", held.token)
             b_wrote.set()
 
-    async with anyio.create_task_group() as tg:
-        async with worker_a.hold("account:42") as held:
-            tg.start_soon(second_worker)
-            await b_wrote.wait()  # A "pauses" past its lease; B gets the key and writes
-            outcome["a"] = await fenced_write(store, record, "written by A", held.token)
+    async with anyio.create_task_group() as tg, worker_a.hold("account:42") as held:
+        tg.start_soon(second_worker)
+        await b_wrote.wait()  # A "pauses" past its lease; B gets the key and writes
+        outcome["a"] = await fenced_write(store, record, "written by A", held.token)
     outcome["kept_b"] = (await store.hget(record, "value")) == b"written by B"
     await store.delete(record)
     await worker_a.aclose()
