@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from keyedlock_asgi.backends import LockBackend
+from tests.support.engine_redis import redis_engine
 
 EngineFactory = Callable[[str], "LockBackend | None"]
 
@@ -24,3 +25,6 @@ ENGINES: dict[str, EngineFactory] = {
 }
 
 ASYNCIO_ONLY: set[str] = set()
+
+ENGINES["redis"] = redis_engine
+ASYNCIO_ONLY.add("redis")  # redis-py's asyncio client cannot run under trio
