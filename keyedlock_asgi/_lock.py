@@ -29,6 +29,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final, Literal, ParamSpec, TypeVar, Union, overload
 
 import anyio
+import anyio.lowlevel
 
 from ._errors import (
     BackendUnavailable,
@@ -749,6 +750,12 @@ class KeyedLock:
                 self._leave_queue(state, key, entry, waiter)
             raise
         if waiter.granted:
+            # Handed the key just as a cancellation arrived: pass it on before running anything.
+            try:
+                await anyio.lowlevel.checkpoint_if_cancelled()
+            except BaseException:
+                self._release(state, key, task)
+                raise
             return
         self._leave_queue(state, key, entry, waiter)
         if waiter.aborted is not None:

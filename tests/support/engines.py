@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from keyedlock_asgi.backends import LockBackend
+from tests.support.engine_postgres import postgres_engine
+from tests.support.engine_redis import redis_engine
 
 EngineFactory = Callable[[str], "LockBackend | None"]
 
@@ -25,12 +27,7 @@ ENGINES: dict[str, EngineFactory] = {
 
 ASYNCIO_ONLY: set[str] = set()
 
-
-def _register_postgres() -> None:
-    from tests.support.engine_postgres import postgres_engine
-
-    ENGINES["postgres"] = postgres_engine
-    ASYNCIO_ONLY.add("postgres")  # asyncpg runs on asyncio only
-
-
-_register_postgres()
+ENGINES["redis"] = redis_engine
+ASYNCIO_ONLY.add("redis")  # redis-py's asyncio client cannot run under trio
+ENGINES["postgres"] = postgres_engine
+ASYNCIO_ONLY.add("postgres")  # asyncpg runs on asyncio only
