@@ -100,6 +100,7 @@ async def head_of_line(dsn: str) -> None:
     lock = KeyedLock(
         backend=PostgresBackend.from_dsn(dsn, namespace=f"bench-{uuid.uuid4().hex}", pool_size=4)
     )
+
     async def warm(n: int) -> None:
         async with lock.hold(f"warm-up:{n}"):
             await asyncio.sleep(0.01)
