@@ -347,7 +347,9 @@ class Held:
                     remaining = max(deadline - perf_counter(), 0.0)
                 leases.append(await self._acquire_lease(backend, key, remaining))
                 tokens.append(0 if leases[-1] is None else leases[-1].token)
-        except BaseException:
+        except BaseException as error:
+            if isinstance(error, LockTimeout):
+                error.retry_after = timeout  # the caller's whole budget, not what was left
             with anyio.CancelScope(shield=True):
                 await self._release_leases(leases)
                 for key in keys[:taken]:
@@ -370,6 +372,13 @@ class Held:
         lock = self._lock
         try:
             return await backend.acquire(key, timeout=timeout, max_concurrency=lock.max_concurrency)
+        except LockBusy:
+            if self._options[0] == 0:
+                raise
+            # The in-process wait used up the whole budget: that is a timeout, not "busy".
+            error = LockTimeout(f"the key was not granted within {self._options[0]:g} seconds")
+            error.retry_after = self._options[0]
+            raise error from None
         except BackendUnavailable:
             if lock.on_backend_error == "closed":
                 raise
