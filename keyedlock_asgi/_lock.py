@@ -121,12 +121,15 @@ class _LoopState:
     asyncio: a waiter awaits a bare future (the cheapest wake-up); trio: a `trio.Event`.
     """
 
-    __slots__ = ("__weakref__", "event_class", "keys", "loop")
+    __slots__ = ("__weakref__", "checkpoint_if_cancelled", "event_class", "keys", "loop")
 
     def __init__(self, loop: asyncio.AbstractEventLoop | None, event_class: Any = None) -> None:
         self.keys: dict[str, Held | _KeyState] = {}
         self.loop = loop  # asyncio: waiters park on a bare future, the cheapest wake-up
         self.event_class = event_class  # trio: waiters park on a trio.Event
+        self.checkpoint_if_cancelled = _checkpoint_if_cancelled_for(
+            "trio" if loop is None else "asyncio"
+        )
 
     def new_signal(self) -> Any:
         if self.loop is not None:
@@ -138,6 +141,17 @@ class _LoopState:
             signal.set()
         elif not signal.done():
             signal.set_result(None)
+
+
+def _checkpoint_if_cancelled_for(library: str) -> Callable[[], Awaitable[None]]:
+    """anyio's `checkpoint_if_cancelled` for one event loop, looked up once, not per call."""
+    try:
+        from anyio._core._eventloop import get_async_backend
+
+        found: Callable[[], Awaitable[None]] = get_async_backend(library).checkpoint_if_cancelled
+    except (ImportError, AttributeError, LookupError):  # pragma: no cover - anyio internals moved
+        return anyio.lowlevel.checkpoint_if_cancelled
+    return found
 
 
 def _trio_current() -> tuple[object, object] | None:
@@ -761,7 +775,7 @@ class KeyedLock:
         if waiter.granted:
             # Handed the key just as a cancellation arrived: pass it on before running anything.
             try:
-                await anyio.lowlevel.checkpoint_if_cancelled()
+                await state.checkpoint_if_cancelled()
             except BaseException:
                 self._release(state, key, task)
                 raise
