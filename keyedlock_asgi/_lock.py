@@ -121,12 +121,15 @@ class _LoopState:
     asyncio: a waiter awaits a bare future (the cheapest wake-up); trio: a `trio.Event`.
     """
 
-    __slots__ = ("__weakref__", "event_class", "keys", "loop")
+    __slots__ = ("__weakref__", "checkpoint_if_cancelled", "event_class", "keys", "loop")
 
     def __init__(self, loop: asyncio.AbstractEventLoop | None, event_class: Any = None) -> None:
         self.keys: dict[str, Held | _KeyState] = {}
         self.loop = loop  # asyncio: waiters park on a bare future, the cheapest wake-up
         self.event_class = event_class  # trio: waiters park on a trio.Event
+        self.checkpoint_if_cancelled = _checkpoint_if_cancelled_for(
+            "trio" if loop is None else "asyncio"
+        )
 
     def new_signal(self) -> Any:
         if self.loop is not None:
@@ -138,6 +141,17 @@ class _LoopState:
             signal.set()
         elif not signal.done():
             signal.set_result(None)
+
+
+def _checkpoint_if_cancelled_for(library: str) -> Callable[[], Awaitable[None]]:
+    """anyio's `checkpoint_if_cancelled` for one event loop, looked up once, not per call."""
+    try:
+        from anyio._core._eventloop import get_async_backend
+
+        found: Callable[[], Awaitable[None]] = get_async_backend(library).checkpoint_if_cancelled
+    except (ImportError, AttributeError, LookupError):  # pragma: no cover - anyio internals moved
+        return anyio.lowlevel.checkpoint_if_cancelled
+    return found
 
 
 def _trio_current() -> tuple[object, object] | None:
@@ -351,7 +365,9 @@ class Held:
                     remaining = max(deadline - perf_counter(), 0.0)
                 leases.append(await self._acquire_lease(backend, key, remaining))
                 tokens.append(0 if leases[-1] is None else leases[-1].token)
-        except BaseException:
+        except BaseException as error:
+            if isinstance(error, LockTimeout):
+                error.retry_after = timeout  # the caller's whole budget, not what was left
             with anyio.CancelScope(shield=True):
                 await self._release_leases(leases)
                 for key in keys[:taken]:
@@ -374,6 +390,13 @@ class Held:
         lock = self._lock
         try:
             return await backend.acquire(key, timeout=timeout, max_concurrency=lock.max_concurrency)
+        except LockBusy:
+            if self._options[0] == 0:
+                raise
+            # The in-process wait used up the whole budget: that is a timeout, not "busy".
+            error = LockTimeout(f"the key was not granted within {self._options[0]:g} seconds")
+            error.retry_after = self._options[0]
+            raise error from None
         except BackendUnavailable:
             if lock.on_backend_error == "closed":
                 raise
@@ -756,7 +779,7 @@ class KeyedLock:
         if waiter.granted:
             # Handed the key just as a cancellation arrived: pass it on before running anything.
             try:
-                await anyio.lowlevel.checkpoint_if_cancelled()
+                await state.checkpoint_if_cancelled()
             except BaseException:
                 self._release(state, key, task)
                 raise
