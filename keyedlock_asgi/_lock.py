@@ -347,11 +347,7 @@ class Held:
         taken = 0
         try:
             for key in keys:
-                # The first key waits the caller's own budget (its LockTimeout says so).
-                if deadline is None or not taken:
-                    remaining = timeout
-                else:
-                    remaining = max(deadline - perf_counter(), 0.0)
+                remaining = timeout if deadline is None else max(deadline - perf_counter(), 0.0)
                 queue = lock._grant_now(state, key, self, task)
                 if queue is not None:
                     waited = True
