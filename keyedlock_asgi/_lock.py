@@ -75,7 +75,7 @@ except ImportError:  # pragma: no cover - depends on the Python version
     except ImportError:
         _task_of_loop = asyncio.current_task
 _running_loop = asyncio._get_running_loop
-_new_held = object.__new__
+_new_held = _new_waiter = object.__new__
 
 # (timeout, max_waiting, on_error) of one hold
 _Options = tuple[Union[float, None], Union[int, None], OnError]  # noqa: UP007
@@ -152,6 +152,41 @@ def _checkpoint_if_cancelled_for(library: str) -> Callable[[], Awaitable[None]]:
     except (ImportError, AttributeError, LookupError):  # pragma: no cover - anyio internals moved
         return anyio.lowlevel.checkpoint_if_cancelled
     return found
+
+
+def _anyio_task_states() -> Any:
+    """anyio's record of each asyncio task's cancel scope, or None if anyio moved it."""
+    try:
+        from anyio._backends._asyncio import _task_states
+    except ImportError:  # pragma: no cover - anyio internals moved
+        return None
+    return _task_states
+
+
+_task_states = _anyio_task_states()
+
+
+def _may_be_cancelled(task: object) -> bool:
+    """Cheap test for an anyio cancel scope already cancelled around an asyncio task.
+
+    anyio does not interrupt a task whose awaited future is already done (a hand-off), so
+    without this a cancelled waiter would run its block up to its next checkpoint. When in
+    doubt (anyio internals changed, trio) it answers True and the public check runs.
+    """
+    if _task_states is None:
+        return True
+    try:
+        task_state = _task_states.get(task)
+        scope = task_state.cancel_scope if task_state is not None else None
+        while scope is not None:
+            if scope.cancel_called:
+                return True
+            if scope.shield:
+                return False
+            scope = scope._parent_scope
+    except AttributeError:  # pragma: no cover - anyio internals changed
+        return True
+    return False
 
 
 def _trio_current() -> tuple[object, object] | None:
@@ -260,7 +295,7 @@ class Held:
                 self._token = next(lock._fence)
                 self._state = state
                 return self
-            if _holds(entry, task):
+            if entry._task is task if type(entry) is Held else task in entry.owners:  # type: ignore[union-attr]
                 raise LockReentryError(f"this task already holds the key {key!r}")
             queue = lock._grant_now(state, key, self, task)
             if queue is not None:
@@ -756,15 +791,20 @@ class KeyedLock:
         timeout: float | None,
     ) -> None:
         """Wait in `entry`'s queue until `key` is handed over (then the caller holds it)."""
-        waiter = _Waiter(task, state.new_signal())
+        loop = state.loop
+        waiter = _new_waiter(_Waiter)  # the contended path: skip __init__'s frame
+        waiter.task = task
+        waiter.signal = loop.create_future() if loop is not None else state.event_class()
+        waiter.granted = False
+        waiter.aborted = None
         entry.waiters.append(waiter)
         signal = waiter.signal
         try:
             if timeout is None:
-                await (signal if state.loop is not None else signal.wait())
+                await (signal if loop is not None else signal.wait())
             else:
                 with anyio.move_on_after(timeout):
-                    await (signal if state.loop is not None else signal.wait())
+                    await (signal if loop is not None else signal.wait())
         except BaseException:
             # Cancelled: pass the key on if it was already handed to us, else leave the queue.
             if waiter.granted:
@@ -775,7 +815,8 @@ class KeyedLock:
         if waiter.granted:
             # Handed the key just as a cancellation arrived: pass it on before running anything.
             try:
-                await state.checkpoint_if_cancelled()
+                if state.loop is None or _may_be_cancelled(task):
+                    await state.checkpoint_if_cancelled()
             except BaseException:
                 self._release(state, key, task)
                 raise
