@@ -29,6 +29,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final, Literal, ParamSpec, TypeVar, Union, overload
 
 import anyio
+import anyio.lowlevel
 
 from ._errors import (
     BackendUnavailable,
@@ -74,7 +75,7 @@ except ImportError:  # pragma: no cover - depends on the Python version
     except ImportError:
         _task_of_loop = asyncio.current_task
 _running_loop = asyncio._get_running_loop
-_new_held = object.__new__
+_new_held = _new_waiter = object.__new__
 
 # (timeout, max_waiting, on_error) of one hold
 _Options = tuple[Union[float, None], Union[int, None], OnError]  # noqa: UP007
@@ -120,12 +121,15 @@ class _LoopState:
     asyncio: a waiter awaits a bare future (the cheapest wake-up); trio: a `trio.Event`.
     """
 
-    __slots__ = ("__weakref__", "event_class", "keys", "loop")
+    __slots__ = ("__weakref__", "checkpoint_if_cancelled", "event_class", "keys", "loop")
 
     def __init__(self, loop: asyncio.AbstractEventLoop | None, event_class: Any = None) -> None:
         self.keys: dict[str, Held | _KeyState] = {}
         self.loop = loop  # asyncio: waiters park on a bare future, the cheapest wake-up
         self.event_class = event_class  # trio: waiters park on a trio.Event
+        self.checkpoint_if_cancelled = _checkpoint_if_cancelled_for(
+            "trio" if loop is None else "asyncio"
+        )
 
     def new_signal(self) -> Any:
         if self.loop is not None:
@@ -137,6 +141,52 @@ class _LoopState:
             signal.set()
         elif not signal.done():
             signal.set_result(None)
+
+
+def _checkpoint_if_cancelled_for(library: str) -> Callable[[], Awaitable[None]]:
+    """anyio's `checkpoint_if_cancelled` for one event loop, looked up once, not per call."""
+    try:
+        from anyio._core._eventloop import get_async_backend
+
+        found: Callable[[], Awaitable[None]] = get_async_backend(library).checkpoint_if_cancelled
+    except (ImportError, AttributeError, LookupError):  # pragma: no cover - anyio internals moved
+        return anyio.lowlevel.checkpoint_if_cancelled
+    return found
+
+
+def _anyio_task_states() -> Any:
+    """anyio's record of each asyncio task's cancel scope, or None if anyio moved it."""
+    try:
+        from anyio._backends._asyncio import _task_states
+    except ImportError:  # pragma: no cover - anyio internals moved
+        return None
+    return _task_states
+
+
+_task_states = _anyio_task_states()
+
+
+def _may_be_cancelled(task: object) -> bool:
+    """Cheap test for an anyio cancel scope already cancelled around an asyncio task.
+
+    anyio does not interrupt a task whose awaited future is already done (a hand-off), so
+    without this a cancelled waiter would run its block up to its next checkpoint. When in
+    doubt (anyio internals changed, trio) it answers True and the public check runs.
+    """
+    if _task_states is None:
+        return True
+    try:
+        task_state = _task_states.get(task)
+        scope = task_state.cancel_scope if task_state is not None else None
+        while scope is not None:
+            if scope.cancel_called:
+                return True
+            if scope.shield:
+                return False
+            scope = scope._parent_scope
+    except AttributeError:  # pragma: no cover - anyio internals changed
+        return True
+    return False
 
 
 def _trio_current() -> tuple[object, object] | None:
@@ -245,7 +295,7 @@ class Held:
                 self._token = next(lock._fence)
                 self._state = state
                 return self
-            if _holds(entry, task):
+            if entry._task is task if type(entry) is Held else task in entry.owners:  # type: ignore[union-attr]
                 raise LockReentryError(f"this task already holds the key {key!r}")
             queue = lock._grant_now(state, key, self, task)
             if queue is not None:
@@ -360,7 +410,9 @@ class Held:
                     remaining = max(deadline - perf_counter(), 0.0)
                 leases.append(await self._acquire_lease(backend, key, remaining))
                 tokens.append(0 if leases[-1] is None else leases[-1].token)
-        except BaseException:
+        except BaseException as error:
+            if isinstance(error, LockTimeout):
+                error.retry_after = timeout  # the caller's whole budget, not what was left
             with anyio.CancelScope(shield=True):
                 await self._release_leases(leases)
                 for key in keys[:taken]:
@@ -383,6 +435,13 @@ class Held:
         lock = self._lock
         try:
             return await backend.acquire(key, timeout=timeout, max_concurrency=lock.max_concurrency)
+        except LockBusy:
+            if self._options[0] == 0:
+                raise
+            # The in-process wait used up the whole budget: that is a timeout, not "busy".
+            error = LockTimeout(f"the key was not granted within {self._options[0]:g} seconds")
+            error.retry_after = self._options[0]
+            raise error from None
         except BackendUnavailable:
             if lock.on_backend_error == "closed":
                 raise
@@ -774,15 +833,20 @@ class KeyedLock:
         timeout: float | None,
     ) -> None:
         """Wait in `entry`'s queue until `key` is handed over (then the caller holds it)."""
-        waiter = _Waiter(task, state.new_signal())
+        loop = state.loop
+        waiter = _new_waiter(_Waiter)  # the contended path: skip __init__'s frame
+        waiter.task = task
+        waiter.signal = loop.create_future() if loop is not None else state.event_class()
+        waiter.granted = False
+        waiter.aborted = None
         entry.waiters.append(waiter)
         signal = waiter.signal
         try:
             if timeout is None:
-                await (signal if state.loop is not None else signal.wait())
+                await (signal if loop is not None else signal.wait())
             else:
                 with anyio.move_on_after(timeout):
-                    await (signal if state.loop is not None else signal.wait())
+                    await (signal if loop is not None else signal.wait())
         except BaseException:
             # Cancelled: pass the key on if it was already handed to us, else leave the queue.
             if waiter.granted:
@@ -791,6 +855,13 @@ class KeyedLock:
                 self._leave_queue(state, key, entry, waiter)
             raise
         if waiter.granted:
+            # Handed the key just as a cancellation arrived: pass it on before running anything.
+            try:
+                if state.loop is None or _may_be_cancelled(task):
+                    await state.checkpoint_if_cancelled()
+            except BaseException:
+                self._release(state, key, task)
+                raise
             return
         self._leave_queue(state, key, entry, waiter)
         if waiter.aborted is not None:

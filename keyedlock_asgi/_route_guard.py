@@ -12,6 +12,8 @@ from collections.abc import Callable
 from time import perf_counter
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
+import anyio
+
 from ._errors import BackendUnavailable, LockAborted, LockBusy, LockTimeout, QueueFull
 from ._hooks import Hooks, OnAcquired, OnRejected, OnReleased
 from ._lock import UNSET, Held, KeyedLock, OnError, _Unset
@@ -130,7 +132,12 @@ class RouteGuard:
         records.append(held)
         hold = RouteHold(held, owned=True)
         if self.hooks.on_acquired is not None:
-            await self.hooks.acquired(scope, held)
+            try:
+                await self.hooks.acquired(scope, held)
+            except BaseException:  # cancelled inside the hook: the caller never sees the hold
+                with anyio.CancelScope(shield=True):
+                    await self.exit(scope, hold, None)
+                raise
         return hold
 
     async def exit(self, scope: Scope, hold: RouteHold, error: BaseException | None) -> None:

@@ -56,20 +56,11 @@ async def test_the_ledger_refuses_a_stale_fencing_token() -> None:
 
 
 def test_one_lock_serves_successive_event_loops() -> None:
-    pytest.importorskip("trio")
     assert semantics.two_loops() == [True, True]
     assert semantics.shared.stats().active_keys == 0
 
 
-def needs_middleware() -> None:
-    import keyedlock_asgi
-
-    if not hasattr(keyedlock_asgi, "KeyedLockMiddleware") or not hasattr(keyedlock_asgi, "keys"):
-        pytest.skip("needs KeyedLockMiddleware and keys from the `middleware` branch")
-
-
 async def test_quickstart_middleware_one_request_per_user_at_a_time() -> None:
-    needs_middleware()
     import anyio
     import httpx
 
@@ -100,7 +91,6 @@ async def test_quickstart_middleware_one_request_per_user_at_a_time() -> None:
 
 
 async def test_security_keys_by_authenticated_user_with_a_bounded_queue() -> None:
-    needs_middleware()
     import anyio
     import httpx
 

@@ -80,21 +80,11 @@ def test_cache_stampede_runs_as_a_script() -> None:
     assert "-> 1 database call(s)" in result.stdout
 
 
-# -- the middleware (branch `middleware`) ---------------------------------------------------
-
-
-def needs(*names: str, branch: str) -> None:
-    """Skip until `names` are exported by keyedlock_asgi, i.e. until `branch` is on main."""
-    import keyedlock_asgi
-
-    missing = [name for name in names if not hasattr(keyedlock_asgi, name)]
-    if missing:
-        pytest.skip(f"needs {', '.join(missing)} from the `{branch}` branch")
+# -- the middleware ------------------------------------------------------------------------
 
 
 @pytest.fixture
 def checkout() -> ModuleType:
-    needs("KeyedLockMiddleware", "keys", branch="middleware")
     return load("checkout")
 
 
@@ -198,7 +188,6 @@ async def post_all(app: object, requests: list[tuple[str, dict[str, str]]]) -> l
 
 @pytest.mark.anyio
 async def test_webhooks_duplicate_in_flight_gets_409_then_already_processed() -> None:
-    needs("KeyedLockMiddleware", "keys", branch="middleware")
     import anyio
     import httpx
 
@@ -239,7 +228,6 @@ async def test_webhooks_duplicate_in_flight_gets_409_then_already_processed() ->
 
 @pytest.mark.anyio
 async def test_inventory_one_reservation_per_product_at_a_time() -> None:
-    needs("KeyedLockMiddleware", "keys", branch="middleware")
     import anyio
 
     inventory_example = load("inventory")
@@ -268,14 +256,12 @@ async def test_inventory_one_reservation_per_product_at_a_time() -> None:
 
 @pytest.mark.anyio
 async def test_inventory_demo_main() -> None:
-    needs("KeyedLockMiddleware", "keys", branch="middleware")
     inventory = await load("inventory").main()
     assert inventory.stock == {1: 0, 2: 0}
     assert inventory.peak == {1: 1, 2: 1}
 
 
 def test_webhooks_script_runs() -> None:
-    needs("KeyedLockMiddleware", "keys", branch="middleware")
     result = run_script("webhooks")
     assert result.returncode == 0, result.stderr
     statuses = [re.search(r"\s(\d{3})\s", line) for line in result.stdout.splitlines()]
@@ -285,22 +271,11 @@ def test_webhooks_script_runs() -> None:
     ] == ["409", "200", "200"]
 
 
-# -- per route (branch `perroute`) -----------------------------------------------------------
-
-
-def needs_per_route() -> None:
-    needs("KeyedLockMiddleware", "keys", branch="middleware")
-    from keyedlock_asgi import KeyedLock, keys
-
-    try:
-        KeyedLock().depends(keys.header("X-User-Id"))
-    except NotImplementedError:
-        pytest.skip("needs lock.serialize / lock.depends from the `perroute` branch")
+# -- per route -----------------------------------------------------------------------------
 
 
 @pytest.mark.anyio
 async def test_fastapi_app_serializes_per_user_and_per_order() -> None:
-    needs_per_route()
     example = load("fastapi_app")
     result = await example.main()
     assert result["orders"] == ["alice", "bob"]  # ten checkouts each, one paid each
@@ -311,7 +286,6 @@ async def test_fastapi_app_serializes_per_user_and_per_order() -> None:
 
 @pytest.mark.anyio
 async def test_fastapi_app_keys_are_validated_and_documented() -> None:
-    needs_per_route()
     import httpx
 
     example = load("fastapi_app")
@@ -326,17 +300,15 @@ async def test_fastapi_app_keys_are_validated_and_documented() -> None:
     assert [p["name"] for p in refund_params] == ["order_id"]
 
 
-# -- several workers (branch `redis`) --------------------------------------------------------
+# -- several workers -----------------------------------------------------------------------
 
 
 @pytest.fixture
 def redis_example() -> ModuleType:
-    needs("KeyedLockMiddleware", "keys", branch="middleware")
-    if importlib.util.find_spec("keyedlock_asgi.backends.redis") is None:
-        pytest.skip("needs keyedlock_asgi.backends.redis from the `redis` branch")
+    import redis
+
     from tests.conftest import service_missing
 
-    redis = pytest.importorskip("redis")
     try:
         redis.Redis.from_url("redis://127.0.0.1:6379/0", socket_timeout=2).ping()
     except redis.RedisError as error:

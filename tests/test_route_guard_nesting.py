@@ -126,3 +126,43 @@ async def test_calling_a_serialized_endpoint_without_a_request_is_a_clear_error(
 
     with pytest.raises(TypeError, match=r"lock\.serialize"):
         await endpoint(3)
+
+
+@pytest.mark.anyio
+async def test_cancelled_inside_on_acquired_hook_strands_no_key() -> None:
+    """Regression: a cancellation while an async on_acquired hook runs released nothing."""
+    lock = KeyedLock()
+    in_hook = anyio.Event()
+
+    async def on_acquired(scope: object, held: object) -> None:
+        in_hook.set()
+        await anyio.sleep_forever()  # a slow metrics call
+
+    @lock.serialize(keys.header("x-k"), on_acquired=on_acquired)
+    async def pay(request: Request) -> Response:
+        return Response("ok")
+
+    app = Starlette(routes=[Route("/pay", pay, methods=["POST"])])
+    scope = {
+        "type": "http", "method": "POST", "path": "/pay", "root_path": "", "scheme": "http",
+        "server": ("t", 80), "headers": [(b"x-k", b"A")], "query_string": b"",
+    }  # fmt: skip
+
+    async def receive() -> dict[str, object]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: object) -> None:
+        pass
+
+    request_scope = anyio.CancelScope()
+
+    async def request() -> None:
+        with request_scope:
+            await app(scope, receive, send)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(request)
+        await in_hook.wait()
+        request_scope.cancel()
+    assert lock.stats().active_keys == 0
+    assert scope.get("keyedlock", []) == []

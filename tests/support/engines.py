@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from keyedlock_asgi.backends import LockBackend
+from tests.support.engine_postgres import postgres_engine
+from tests.support.engine_redis import redis_engine
 
 EngineFactory = Callable[[str], "LockBackend | None"]
 
@@ -24,3 +26,8 @@ ENGINES: dict[str, EngineFactory] = {
 }
 
 ASYNCIO_ONLY: set[str] = set()
+
+ENGINES["redis"] = redis_engine
+ASYNCIO_ONLY.add("redis")  # redis-py's asyncio client cannot run under trio
+ENGINES["postgres"] = postgres_engine
+ASYNCIO_ONLY.add("postgres")  # asyncpg runs on asyncio only

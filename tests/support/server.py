@@ -26,11 +26,13 @@ def wait_until_listening(port: int, proc: subprocess.Popen[bytes], limit: float 
     """Block until the server accepts connections (a readiness probe, not a test assertion)."""
     deadline = time.monotonic() + limit
     while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited early with code {proc.returncode}")
         with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
             return
-        time.sleep(0.05)
+        try:  # pause briefly, and notice at once if the server died
+            proc.wait(timeout=0.05)
+        except subprocess.TimeoutExpired:
+            continue
+        raise RuntimeError(f"server exited early with code {proc.returncode}")
     raise RuntimeError(f"server on port {port} did not start within {limit} s")
 
 

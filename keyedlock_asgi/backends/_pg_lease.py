@@ -1,0 +1,141 @@
+"""One key held in PostgreSQL: its connection, its heartbeat and how it tells it was lost."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import anyio
+
+if TYPE_CHECKING:
+    from .postgres import PostgresBackend
+
+__all__ = ["LeaseLost", "PostgresLease"]
+
+logger = logging.getLogger("keyedlock_asgi.postgres")
+
+
+@dataclass(frozen=True)
+class LeaseLost:
+    """Told to `on_lease_lost` when a held key's session ended before its release.
+
+    The server released the key (its session was killed, timed out as idle, or the network
+    dropped it): another process may hold it now. Only the fencing token can stop this
+    holder's late writes (see the docs page)."""
+
+    key: str
+    """The key as the backend saw it (with the lock's `key_prefix`)."""
+    token: int
+    """The fencing token of the lost hold."""
+    reason: str
+    error: BaseException | None = None
+
+
+class PostgresLease:
+    """A key granted by the server, held by one pooled connection until `release()`.
+
+    Session mode releases with `pg_advisory_unlock`, transaction mode with `COMMIT`. All
+    traffic on the connection (heartbeat, release) goes through `_io`, never two at once.
+    """
+
+    __slots__ = (
+        "_backend",
+        "_beat",
+        "_conn",
+        "_done",
+        "_io",
+        "_lock_id",
+        "_on_closed",
+        "_pool",
+        "key",
+        "lost",
+        "token",
+    )
+
+    def __init__(
+        self, backend: PostgresBackend, pool: Any, conn: Any, key: str, lock_id: int, token: int
+    ) -> None:
+        self._backend = backend
+        self._pool = pool
+        self._conn = conn
+        self._lock_id = lock_id
+        self._io = asyncio.Lock()
+        self._done = False
+        self.key = key
+        self.token = token
+        self.lost = False
+        """True once the server is known to have dropped the hold."""
+        self._on_closed: Callable[[Any], None] = self._connection_closed
+        conn.add_termination_listener(self._on_closed)
+        self._beat: asyncio.Task[None] | None = None
+        if backend.heartbeat is not None:
+            self._beat = asyncio.get_running_loop().create_task(self._heartbeat())
+
+    def __repr__(self) -> str:
+        state = "released" if self._done else ("lost" if self.lost else "held")
+        return f"<PostgresLease key={self.key!r} token={self.token} {state}>"
+
+    async def release(self) -> None:
+        """Unlock on the same connection and give it back to the pool; never raises for a
+        lost hold. Shielded: a cancelled caller still releases."""
+        with anyio.CancelScope(shield=True):
+            async with self._io:
+                if self._done:
+                    return
+                self._done = True
+                self._stop_heartbeat()
+                self._conn.remove_termination_listener(self._on_closed)
+                clean = False
+                if not self.lost and not self._conn.is_closed():
+                    try:
+                        clean = await self._backend._unlock(self._conn, self._lock_id)
+                    except Exception as exc:
+                        self._report_lost("release failed", exc)
+                await self._backend._give_back(self._pool, self._conn, clean=clean)
+                self._backend._leases.discard(self)
+
+    def _stop_heartbeat(self) -> None:
+        beat = self._beat
+        if beat is not None and beat is not asyncio.current_task():
+            beat.cancel()  # it sleeps or waits for `_io`, both safe to cancel
+        self._beat = None
+
+    async def _heartbeat(self) -> None:
+        """Keep the server-side lease (`idle_session_timeout`) from firing while we live."""
+        backend = self._backend
+        interval = backend.heartbeat
+        assert interval is not None
+        while True:
+            await asyncio.sleep(interval)
+            async with self._io:
+                if self._done or self.lost:
+                    return
+                if backend._heartbeat_paused:  # test hook: a frozen holder sends nothing
+                    continue
+                try:
+                    await self._conn.execute("SELECT 1", timeout=backend.lease)
+                except Exception as exc:
+                    self._report_lost("heartbeat failed", exc)
+                    return
+
+    def _connection_closed(self, conn: Any) -> None:
+        if not self._done:
+            self._report_lost("the lock connection closed", None)
+
+    def _report_lost(self, reason: str, error: BaseException | None) -> None:
+        if self.lost:
+            return
+        self.lost = True
+        event = LeaseLost(self.key, self.token, reason, error)
+        logger.warning(
+            "lost the PostgreSQL lock on %r (token %d): %s", self.key, self.token, reason
+        )
+        hook = self._backend.on_lease_lost
+        if hook is not None:
+            try:
+                hook(event)
+            except Exception:
+                logger.exception("the on_lease_lost hook raised")

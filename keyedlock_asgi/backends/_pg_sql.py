@@ -1,0 +1,70 @@
+"""Key hashing and the SQL the PostgreSQL backend sends: kept apart so each reads on its own."""
+
+from __future__ import annotations
+
+import re
+from hashlib import blake2b
+
+__all__ = [
+    "check_sequence_name",
+    "key_id",
+    "session_lock_sql",
+    "session_try_lock_sql",
+    "xact_begin_sql",
+    "xact_lock_copy_query",
+]
+
+_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_$]*(\.[A-Za-z_][A-Za-z0-9_$]*)?")
+
+
+def key_id(namespace: str, key: str, part: str = "") -> int:
+    """The advisory lock id of `key`: a signed 64-bit integer from BLAKE2b(namespace, key).
+
+    NUL bytes separate the fields, so ("a", "bc") and ("ab", "c") never share an input.
+    `part` names a sub-lock of the key (the gate and slots of `max_concurrency > 1`).
+    """
+    data = b"\0".join((namespace.encode(), key.encode(), part.encode()))
+    return int.from_bytes(blake2b(data, digest_size=8).digest(), "big", signed=True)
+
+
+def check_sequence_name(name: str) -> str:
+    """A plain (optionally schema-qualified) identifier: it is spliced into SQL text."""
+    if not isinstance(name, str) or not _IDENTIFIER.fullmatch(name):
+        raise ValueError(f"fence_sequence must be a plain identifier like 'schema.name': {name!r}")
+    return name
+
+
+def session_lock_sql(sequence: str) -> str:
+    """Wait for the lock ($2) under `lock_timeout` ($1), then draw the fence once granted.
+
+    Nested subqueries with volatile functions are never flattened by the planner, so the
+    order is fixed: set the timeout, wait for the lock, and only then `nextval` (a token drawn
+    before the grant could be smaller than one drawn by a caller granted earlier).
+    """
+    return (
+        f"SELECT nextval('{sequence}') FROM ("
+        "SELECT pg_advisory_lock($2) FROM ("
+        "SELECT set_config('lock_timeout', $1, false)) AS t) AS l"
+    )
+
+
+def session_try_lock_sql(sequence: str) -> str:
+    """Take the lock ($1) only if it is free: the fence, or NULL when taken."""
+    return f"SELECT CASE WHEN pg_try_advisory_lock($1) THEN nextval('{sequence}') END"
+
+
+def xact_begin_sql(lock_timeout_ms: int, lease_ms: int) -> str:
+    """Open the lock's transaction: literals only, sent with the simple protocol (no portal,
+    so an idle-in-transaction holder does not pin `backend_xmin`)."""
+    sql = f"BEGIN; SET LOCAL lock_timeout = {int(lock_timeout_ms)}"
+    if lease_ms:
+        sql += f"; SET LOCAL idle_in_transaction_session_timeout = {int(lease_ms)}"
+    return sql
+
+
+def xact_lock_copy_query(sequence: str, lock: int, *, wait: bool) -> str:
+    """The query run through COPY (simple protocol) that takes the transaction lock and
+    returns the fence (NULL when `wait` is false and the key is taken)."""
+    if wait:
+        return f"SELECT nextval('{sequence}') FROM (SELECT pg_advisory_xact_lock({int(lock)})) AS l"
+    return f"SELECT CASE WHEN pg_try_advisory_xact_lock({int(lock)}) THEN nextval('{sequence}') END"

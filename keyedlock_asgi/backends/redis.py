@@ -1,0 +1,656 @@
+"""`RedisBackend`: the same keyed lock across worker processes and hosts, through Redis.
+
+How one grant works (see `_redis_scripts` for the atomic steps):
+- `KeyedLock` queues callers in-process first, so each process sends at most `max_concurrency`
+  callers per key to Redis.
+- ACQUIRE either grants the key (a leased holder entry plus a fencing token) or puts the caller
+  in a FIFO queue in Redis. The caller then parks on a future that the process's single pub/sub
+  reader resolves when a script publishes the caller's token (targeted wake-up), or a fallback
+  timer fires: min(the first lease's remaining time, `heartbeat`). Then it calls ACQUIRE again,
+  which also proves it is alive. No polling loop, no lost wake-up: the future is registered
+  before each call.
+- A holder's lease is renewed every `lease / 3` while it holds, up to `max_hold`.
+- RELEASE (also used to leave the queue) removes the token and wakes the next waiter; it runs
+  shielded from cancellation.
+- A circuit breaker turns a dead Redis into fast `BackendUnavailable` errors with `retry_after`.
+
+redis-py's asyncio client is asyncio-only: this backend refuses to run under trio.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import uuid
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass
+from time import monotonic
+from typing import Any, Literal
+
+import anyio
+
+from .._errors import BackendUnavailable, LockBusy, LockTimeout
+from . import _redis_scripts
+
+try:
+    import redis.asyncio as aioredis
+    from redis import exceptions as redis_errors
+    from redis.asyncio.retry import Retry
+    from redis.backoff import ExponentialBackoff
+except ImportError as exc:  # pragma: no cover - depends on the installed extras
+    raise ImportError("RedisBackend needs redis-py: pip install 'keyedlock_asgi[redis]'") from exc
+
+__all__ = ["LeaseLost", "RedisBackend", "RedisLease"]
+
+logger = logging.getLogger("keyedlock_asgi.redis")
+
+_CONNECTIVITY_ERRORS = (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError)
+# A full pool is local saturation, not an outage (the class is missing in old redis-py).
+_POOL_FULL: tuple[type[Exception], ...] = tuple(
+    getattr(redis_errors, name) for name in ("MaxConnectionsError",) if hasattr(redis_errors, name)
+)
+
+
+@dataclass(frozen=True)
+class LeaseLost:
+    """A holder's lease ended while its hold was still open: another process may hold the key.
+
+    Passed to `on_lease_lost`. Writes that carry `token` as a fencing token can be refused by the
+    protected resource once a newer token was used.
+    """
+
+    key: str
+    """The key as the engine saw it (with the lock's `key_prefix`)."""
+    token: int
+    """The fencing token of the hold that lost its lease."""
+    reason: Literal["expired", "max_hold", "unreachable"]
+    """`expired`: Redis no longer had the lease when renewing; `max_hold`: renewal stopped at the
+    cap; `unreachable`: Redis could not be reached until the lease surely ended."""
+    held_for: float
+    """Seconds since the key was granted."""
+
+
+def _running_under_trio() -> bool:
+    import sys
+
+    trio = sys.modules.get("trio")
+    if trio is None:
+        return False
+    try:
+        trio.lowlevel.current_task()
+    except RuntimeError:
+        return False
+    return True
+
+
+_TRIO_MESSAGE = (
+    "RedisBackend runs on asyncio only (redis-py's asyncio client); "
+    "run the app on asyncio or use the in-process KeyedLock under trio"
+)
+
+
+class _Breaker:
+    """After `threshold` connection failures in a row, fail fast for `cooldown` seconds.
+
+    Then one probe at a time is let through: its success closes the breaker, its failure
+    reopens it.
+    """
+
+    __slots__ = ("cooldown", "failures", "open_until", "probing", "threshold")
+
+    def __init__(self, threshold: int, cooldown: float) -> None:
+        self.threshold = threshold
+        self.cooldown = cooldown
+        self.failures = 0
+        self.open_until = 0.0
+        self.probing = False
+
+    def is_open(self) -> bool:
+        return self.failures >= self.threshold and (self.probing or monotonic() < self.open_until)
+
+    def enter(self) -> bool:
+        """Raise `BackendUnavailable` if open; return whether this call is the probe."""
+        if self.failures < self.threshold:
+            return False
+        if monotonic() < self.open_until:
+            raise _unavailable("the lock service is unavailable (circuit open)", self.retry_after())
+        if self.probing:
+            raise _unavailable("the lock service is unavailable (probing)", self.cooldown)
+        self.probing = True
+        return True
+
+    def succeeded(self, probe: bool) -> None:
+        self.failures = 0
+        if probe:
+            self.probing = False
+
+    def failed(self, probe: bool) -> None:
+        self.failures += 1
+        if probe:
+            self.probing = False
+        if self.failures >= self.threshold:
+            self.open_until = monotonic() + self.cooldown
+
+    def abandoned(self, probe: bool) -> None:
+        if probe:
+            self.probing = False
+
+    def retry_after(self) -> float:
+        return max(self.open_until - monotonic(), 0.0) or self.cooldown
+
+
+def _unavailable(message: str, retry_after: float) -> BackendUnavailable:
+    error = BackendUnavailable(message)
+    error.retry_after = retry_after
+    return error
+
+
+class _Connection:
+    """One event loop's (and one process's) client, pub/sub reader and parked waiters."""
+
+    def __init__(self, backend: RedisBackend, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.pid = os.getpid()
+        self.proc_id = uuid.uuid4().hex[:16]
+        self.channel_prefix = f"{backend.namespace}:wake:"
+        self.channel = self.channel_prefix + self.proc_id
+        self.client: aioredis.Redis = backend._client_factory()
+        self.owns_client = backend._owns_client
+        self.acquire = self.client.register_script(_redis_scripts.ACQUIRE)
+        self.release = self.client.register_script(_redis_scripts.RELEASE)
+        self.extend = self.client.register_script(_redis_scripts.EXTEND)
+        self.pubsub: Any = None
+        self.reader: asyncio.Task[None] | None = None
+        self.ready: asyncio.Future[None] | None = None
+        self.waiters: dict[str, asyncio.Future[None]] = {}
+        self.leases: set[RedisLease] = set()
+        self.counter = itertools.count(1)
+
+    def wake(self, token: str) -> None:
+        future = self.waiters.get(token)
+        if future is not None and not future.done():
+            future.set_result(None)
+
+    def wake_all(self) -> None:
+        for future in self.waiters.values():
+            if not future.done():
+                future.set_result(None)
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+class RedisLease:
+    """One key granted by Redis: renewed in the background until released or lost."""
+
+    __slots__ = (
+        "_backend",
+        "_conn",
+        "_granted_at",
+        "_keys",
+        "_renewal",
+        "_slots",
+        "_task",
+        "_token_str",
+        "_valid_until",
+        "key",
+        "lost",
+        "released",
+        "token",
+    )
+
+    def __init__(
+        self,
+        backend: RedisBackend,
+        conn: _Connection,
+        key: str,
+        keys: list[str],
+        token_str: str,
+        fence: int,
+        slots: int,
+        sent_at: float,
+    ) -> None:
+        self._backend = backend
+        self._conn = conn
+        self.key = key
+        self._keys = keys
+        self._token_str = token_str
+        self.token = fence
+        """The fencing token: strictly increasing per key across every grant."""
+        self._slots = slots
+        self._granted_at = sent_at
+        self._valid_until = sent_at + backend.lease
+        self.lost = False
+        """Whether the lease ended while the hold was open (see `LeaseLost`)."""
+        self.released = False
+        self._task: asyncio.Task[None] | None = None
+        self._renewal: asyncio.TimerHandle | None = conn.loop.call_later(
+            backend._renew_every, self._renew_due
+        )
+        conn.leases.add(self)
+
+    def __repr__(self) -> str:
+        state = "released" if self.released else "lost" if self.lost else "held"
+        return f"<RedisLease {self.key!r} token={self.token} {state}>"
+
+    async def release(self) -> None:
+        """Give the key back (idempotent); a lease that was lost is still cleaned up."""
+        if self.released:
+            return
+        self.released = True
+        self._stop_renewal()
+        self._conn.leases.discard(self)
+        backend = self._backend
+        try:
+            with anyio.CancelScope(shield=True):
+                await backend._run(
+                    self._conn.release,
+                    self._keys,
+                    [self._token_str, self._conn.channel_prefix, self._slots],
+                    self._conn,
+                )
+        except BackendUnavailable:
+            logger.warning(
+                "could not release a Redis lease; the key frees itself when the lease ends "
+                "(within %.1f s)",
+                max(self._valid_until - monotonic(), 0.0),
+            )
+
+    def _stop_renewal(self) -> None:
+        if self._renewal is not None:
+            self._renewal.cancel()
+            self._renewal = None
+        if self._task is not None:
+            self._task.cancel()
+            self._task = None
+
+    def _renew_due(self) -> None:
+        self._renewal = None
+        if not self.released and not self.lost:
+            self._task = self._conn.loop.create_task(self._renew())
+
+    async def _renew(self) -> None:
+        backend = self._backend
+        now = monotonic()
+        lease = backend.lease
+        if backend.max_hold is not None:
+            lease = min(lease, self._granted_at + backend.max_hold - now)
+            if lease <= 0.001:
+                self._schedule(max(self._valid_until - now, 0.0), "max_hold")
+                return
+        try:
+            renewed = await backend._run(
+                self._conn.extend,
+                self._keys,
+                [self._token_str, max(int(lease * 1000), 1), backend._meta_ttl_ms],
+                self._conn,
+            )
+        except BackendUnavailable:
+            if self.released:
+                return
+            left = self._valid_until - monotonic()
+            if left <= 0:
+                self._report("unreachable")
+                return
+            self._schedule(min(backend._renew_every, max(left / 3, 0.05)), None)
+            return
+        if self.released:
+            return
+        if not renewed:
+            self._report("expired")
+            return
+        self._valid_until = now + lease
+        self._schedule(min(backend._renew_every, lease / 3), None)
+
+    def _schedule(self, delay: float, lost_reason: Literal["max_hold"] | None) -> None:
+        self._task = None
+        if lost_reason is None:
+            self._renewal = self._conn.loop.call_later(delay, self._renew_due)
+        else:
+            self._renewal = self._conn.loop.call_later(delay, self._report, lost_reason)
+
+    def _report(self, reason: Literal["expired", "max_hold", "unreachable"]) -> None:
+        self._renewal = None
+        if self.released or self.lost:
+            return
+        self.lost = True
+        event = LeaseLost(self.key, self.token, reason, monotonic() - self._granted_at)
+        logger.error(
+            "lost the Redis lease of a held key (%s after %.1f s, fencing token %d): another "
+            "process may now hold it",
+            reason,
+            event.held_for,
+            self.token,
+        )
+        callback = self._backend.on_lease_lost
+        if callback is not None:
+            try:
+                callback(event)
+            except Exception:
+                logger.exception("on_lease_lost callback failed")
+
+
+class RedisBackend:
+    """A Redis engine for `KeyedLock(backend=...)`: fair, notified, leased and fenced.
+
+    Build it with `RedisBackend.from_url(url, ...)` (a client per event loop, connected on first
+    use, closed by `aclose()`), or pass your own `redis.asyncio.Redis` client (it is used on its
+    own event loop only and never closed here).
+    """
+
+    def __init__(
+        self,
+        client: aioredis.Redis | Callable[[], aioredis.Redis],
+        *,
+        namespace: str = "keyedlock",
+        lease: float = 30.0,
+        max_hold: float | None = None,
+        heartbeat: float = 1.0,
+        key_ttl: float = 7 * 24 * 3600.0,
+        breaker_threshold: int = 3,
+        breaker_cooldown: float = 2.0,
+        on_lease_lost: Callable[[LeaseLost], None] | None = None,
+    ) -> None:
+        if _running_under_trio():
+            raise RuntimeError(_TRIO_MESSAGE)
+        if not isinstance(namespace, str) or not namespace:
+            raise ValueError("namespace must be a non-empty str")
+        if not lease >= 0.1:
+            raise ValueError("lease must be at least 0.1 seconds")
+        if max_hold is not None and not max_hold >= lease:
+            raise ValueError("max_hold must be None or at least the lease")
+        if not heartbeat > 0:
+            raise ValueError("heartbeat must be > 0")
+        if not key_ttl >= 3600:
+            raise ValueError("key_ttl must be at least one hour")
+        if breaker_threshold < 1 or not breaker_cooldown > 0:
+            raise ValueError("breaker_threshold must be >= 1 and breaker_cooldown > 0")
+        if isinstance(client, aioredis.Redis):
+            given = client
+            self._client_factory: Callable[[], aioredis.Redis] = lambda: given
+            self._owns_client = False
+        else:
+            self._client_factory = client
+            self._owns_client = True
+        self.namespace = namespace
+        self.lease = float(lease)
+        self.max_hold = None if max_hold is None else float(max_hold)
+        self.heartbeat = float(heartbeat)
+        self.on_lease_lost = on_lease_lost
+        self._renew_every = self.lease / 3
+        self._lease_ms = int(self.lease * 1000)
+        self._waiter_ttl_ms = int(3 * self.heartbeat * 1000) + 500
+        self._meta_ttl_ms = int(key_ttl * 1000)
+        self._breaker = _Breaker(breaker_threshold, breaker_cooldown)
+        self._conns: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Connection] = (
+            weakref.WeakKeyDictionary()
+        )
+
+    @classmethod
+    def from_url(
+        cls,
+        url: str = "redis://127.0.0.1:6379/0",
+        *,
+        max_connections: int = 50,
+        socket_timeout: float = 2.0,
+        connect_timeout: float = 0.5,
+        pool_timeout: float = 10.0,
+        retries: int = 1,
+        namespace: str = "keyedlock",
+        lease: float = 30.0,
+        max_hold: float | None = None,
+        heartbeat: float = 1.0,
+        key_ttl: float = 7 * 24 * 3600.0,
+        breaker_threshold: int = 3,
+        breaker_cooldown: float = 2.0,
+        on_lease_lost: Callable[[LeaseLost], None] | None = None,
+        **redis_options: Any,
+    ) -> RedisBackend:
+        """A backend for the Redis at `url`; extra keywords go to redis-py's connection pool.
+
+        The lock's connections wait up to `pool_timeout` for a free pool slot
+        (`BlockingConnectionPool`), use short socket timeouts and retry a failed command
+        `retries` times: every script is idempotent by token, so a retry never takes a key twice.
+        """
+        if max_connections < 2:
+            raise ValueError("max_connections must be at least 2 (one is the pub/sub reader)")
+
+        def make_client() -> aioredis.Redis:
+            pool = aioredis.BlockingConnectionPool.from_url(
+                url,
+                max_connections=max_connections,
+                timeout=pool_timeout,
+                socket_timeout=socket_timeout,
+                socket_connect_timeout=connect_timeout,
+                retry=Retry(ExponentialBackoff(cap=0.1, base=0.01), retries),
+                retry_on_error=[redis_errors.ConnectionError, redis_errors.TimeoutError],
+                **redis_options,
+            )
+            return aioredis.Redis(connection_pool=pool)
+
+        return cls(
+            make_client,
+            namespace=namespace,
+            lease=lease,
+            max_hold=max_hold,
+            heartbeat=heartbeat,
+            key_ttl=key_ttl,
+            breaker_threshold=breaker_threshold,
+            breaker_cooldown=breaker_cooldown,
+            on_lease_lost=on_lease_lost,
+        )
+
+    def __repr__(self) -> str:
+        return f"<RedisBackend namespace={self.namespace!r} lease={self.lease}>"
+
+    def redis_keys(self, key: str) -> list[str]:
+        """The Redis keys one lock key uses (holders, queue, waiter liveness, counters)."""
+        base = f"{{{self.namespace}:{key}}}"
+        return [base + ":o", base + ":q", base + ":w", base + ":m"]
+
+    # -- the LockBackend protocol -----------------------------------------------------------
+
+    async def acquire(self, key: str, *, timeout: float | None, max_concurrency: int) -> RedisLease:
+        """Take `key` in Redis, FIFO across processes; see `LockBackend.acquire`."""
+        conn = await self._connection()
+        loop = conn.loop
+        token = f"{conn.proc_id}|{next(conn.counter)}"
+        keys = self.redis_keys(key)
+        deadline = None if timeout is None else loop.time() + timeout
+        may_wait = "0" if timeout == 0 else "1"
+        args: list[Any] = [
+            token,
+            self._lease_ms,
+            self._waiter_ttl_ms,
+            self._meta_ttl_ms,
+            conn.channel_prefix,
+            max_concurrency,
+            may_wait,
+        ]
+        waiters = conn.waiters
+        try:
+            while True:
+                future = loop.create_future()
+                waiters[token] = future  # before the call: a wake-up can never come too early
+                sent_at = monotonic()
+                granted, fence, left_ms = await self._run(conn.acquire, keys, args, conn)
+                if granted:
+                    break
+                if may_wait == "0":
+                    raise LockBusy("the key is held in another process")
+                pause = self.heartbeat
+                if left_ms >= 0:
+                    pause = min(pause, left_ms / 1000 + 0.005)
+                if deadline is not None:
+                    left = deadline - loop.time()
+                    if left <= 0:
+                        raise LockTimeout(f"the key was not granted within {timeout} seconds")
+                    pause = min(pause, left)
+                timer = loop.call_later(pause, _resolve, future)
+                try:
+                    await future
+                finally:
+                    timer.cancel()
+        except BaseException:
+            waiters.pop(token, None)
+            await self._give_up(conn, keys, token, max_concurrency)
+            raise
+        waiters.pop(token, None)
+        return RedisLease(self, conn, key, keys, token, int(fence), max_concurrency, sent_at)
+
+    async def aclose(self) -> None:
+        """Release this event loop's open leases, stop its reader, close its connections."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        conn = self._conns.pop(loop, None)
+        if conn is None:
+            return
+        with anyio.CancelScope(shield=True):
+            for lease in list(conn.leases):
+                await lease.release()
+            if conn.reader is not None:
+                conn.reader.cancel()
+                await asyncio.gather(conn.reader, return_exceptions=True)
+            if conn.pubsub is not None:
+                try:
+                    await conn.pubsub.aclose()
+                except Exception:  # pragma: no cover - closing a broken connection
+                    logger.debug("closing the pub/sub connection failed", exc_info=True)
+            if conn.owns_client:
+                try:
+                    await conn.client.aclose()
+                except Exception:  # pragma: no cover - closing a broken connection
+                    logger.debug("closing the Redis client failed", exc_info=True)
+
+    # -- internals --------------------------------------------------------------------------
+
+    async def _connection(self) -> _Connection:
+        """This loop's connection, subscribed to its wake-up channel before it is used."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            raise RuntimeError(_TRIO_MESSAGE) from None
+        conn = self._conns.get(loop)
+        if conn is None or conn.pid != os.getpid():  # first use, or inherited through fork
+            conn = self._conns[loop] = _Connection(self, loop)
+        ready = conn.ready
+        if ready is not None and ready.done() and ready.exception() is None:
+            return conn
+        if ready is None or ready.done():
+            ready = conn.ready = loop.create_future()
+            try:
+                await self._subscribe(conn)
+            except BaseException as exc:
+                conn.ready = None
+                ready.set_exception(exc)
+                ready.exception()  # retrieved: later callers retry instead
+                raise
+            ready.set_result(None)
+            return conn
+        await asyncio.shield(ready)
+        return conn
+
+    async def _subscribe(self, conn: _Connection) -> None:
+        probe = self._breaker.enter()
+        try:
+            if conn.pubsub is None:
+                conn.pubsub = conn.client.pubsub()
+            await conn.pubsub.subscribe(conn.channel)
+            # Wait for the confirmation: from then on no wake-up for this process is lost.
+            deadline = monotonic() + 5.0
+            while True:
+                message = await conn.pubsub.get_message(timeout=1.0)
+                if message is not None and message["type"] == "subscribe":
+                    break
+                if monotonic() > deadline:
+                    raise redis_errors.TimeoutError("no confirmation of SUBSCRIBE")
+        except _CONNECTIVITY_ERRORS as exc:
+            self._breaker.failed(probe)
+            if conn.pubsub is not None:
+                pubsub, conn.pubsub = conn.pubsub, None
+                with anyio.CancelScope(shield=True):
+                    try:
+                        await pubsub.aclose()
+                    except Exception:
+                        logger.debug("closing a failed pub/sub connection", exc_info=True)
+            raise self._error(exc) from exc
+        except BaseException:
+            self._breaker.abandoned(probe)
+            raise
+        self._breaker.succeeded(probe)
+        conn.reader = conn.loop.create_task(self._read(conn))
+
+    async def _read(self, conn: _Connection) -> None:
+        """Resolve parked waiters from the process's wake-up channel; survive reconnects."""
+        pubsub = conn.pubsub
+        pause = 0.05
+        broken = False
+        while True:
+            try:
+                message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=10.0)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                if not broken:
+                    logger.warning("Redis wake-up channel lost; reconnecting", exc_info=True)
+                broken = True
+                conn.wake_all()  # messages may be lost: everyone asks Redis again
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, 1.0)
+                continue
+            if broken:
+                broken = False
+                pause = 0.05
+                logger.info("Redis wake-up channel back")
+                conn.wake_all()
+            if message is not None and message["type"] == "message":
+                data = message["data"]
+                conn.wake(data.decode() if isinstance(data, bytes) else str(data))
+
+    async def _run(self, script: Any, keys: list[str], args: list[Any], conn: _Connection) -> Any:
+        """Run one script through the circuit breaker; Redis errors become BackendUnavailable."""
+        probe = self._breaker.enter()
+        try:
+            result = await script(keys=keys, args=args, client=conn.client)
+        except _POOL_FULL as exc:
+            self._breaker.abandoned(probe)
+            raise self._error(exc) from exc
+        except _CONNECTIVITY_ERRORS as exc:
+            self._breaker.failed(probe)
+            raise self._error(exc) from exc
+        except redis_errors.RedisError as exc:
+            self._breaker.abandoned(probe)
+            raise self._error(exc) from exc
+        except BaseException:
+            self._breaker.abandoned(probe)
+            raise
+        self._breaker.succeeded(probe)
+        if isinstance(result, list):
+            return int(result[0]), int(result[1]), int(result[2])
+        return int(result)
+
+    def _error(self, exc: BaseException) -> BackendUnavailable:
+        return _unavailable(
+            f"the lock service is unavailable ({type(exc).__name__})", self._breaker.retry_after()
+        )
+
+    async def _give_up(self, conn: _Connection, keys: list[str], token: str, slots: int) -> None:
+        """Leave the queue (or release a grant whose reply was lost), shielded, best effort.
+
+        If Redis cannot be reached, whatever this caller left there expires on its own: a
+        queue entry within `3 * heartbeat`, a grant within `lease`.
+        """
+        if self._breaker.is_open():
+            return
+        with anyio.CancelScope(shield=True):
+            try:
+                await self._run(conn.release, keys, [token, conn.channel_prefix, slots], conn)
+            except BackendUnavailable:
+                logger.warning("could not leave the Redis queue; the entry expires by itself")

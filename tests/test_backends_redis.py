@@ -1,0 +1,376 @@
+"""RedisBackend against a real Redis: FIFO and exclusion across processes, leases, fencing,
+clean-up after timeouts and cancellation, and failing closed (or open) when Redis is gone.
+
+Each `RedisBackend` instance is its own "process" to Redis (its own process id, connections and
+wake-up channel), so several of them in one event loop contend exactly as workers do. The
+core semantics run against Redis through the `make_lock` engine fixture (tests/test_lock.py);
+multi-process and fault tests are in test_backends_redis_e2e.py.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import anyio
+import anyio.lowlevel
+import pytest
+
+from keyedlock_asgi import BackendUnavailable, KeyedLock, LockBusy, LockTimeout
+from keyedlock_asgi._responses import rejection_for
+from keyedlock_asgi.backends.redis import LeaseLost, RedisBackend
+from tests.support.engine_redis import REDIS_URL, require_redis
+from tests.support.server import free_port
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"  # redis-py's asyncio client is asyncio-only (trio: see the tests below)
+
+
+@pytest.fixture
+def namespace() -> str:
+    require_redis()
+    return f"test-{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+async def raw(namespace: str) -> AsyncIterator[Any]:
+    """A plain client to look at what the backend left in Redis."""
+    import redis.asyncio as aioredis
+
+    client = aioredis.Redis.from_url(REDIS_URL)
+    yield client
+    keys = [key async for key in client.scan_iter(match=f"{{{namespace}:*")]
+    if keys:
+        await client.delete(*keys)
+    await client.aclose()
+
+
+@pytest.fixture
+async def make_backend(namespace: str) -> AsyncIterator[Callable[..., RedisBackend]]:
+    made: list[RedisBackend] = []
+
+    def factory(**options: Any) -> RedisBackend:
+        options.setdefault("namespace", namespace)
+        backend = RedisBackend.from_url(REDIS_URL, **options)
+        made.append(backend)
+        return backend
+
+    yield factory
+    for backend in made:
+        await backend.aclose()
+
+
+async def wait_for(condition: Callable[[], Any], what: str) -> None:
+    """Readiness probe: poll until `condition()` (an awaitable result) is true."""
+    with anyio.fail_after(10, shield=False):
+        while not await condition():  # noqa: ASYNC110 - the state lives in Redis
+            await anyio.sleep(0.005)
+
+
+async def queue_length(raw: Any, backend: RedisBackend, key: str) -> int:
+    return int(await raw.zcard(backend.redis_keys(key)[1]))
+
+
+async def leftovers(raw: Any, namespace: str) -> list[str]:
+    """Keys of the namespace other than the counters hash (which carries a TTL)."""
+    found = []
+    async for name in raw.scan_iter(match=f"{{{namespace}:*"):
+        text = name.decode()
+        if not text.endswith(":m"):
+            found.append(text)
+        else:
+            assert await raw.pttl(name) > 0, f"{text} does not expire"
+    return found
+
+
+async def test_engine_fixture_builds_redis_locks(make_lock: Callable[..., KeyedLock]) -> None:
+    """The shared semantic tests get a Redis-backed lock from `make_lock` (engine="redis")."""
+    lock = make_lock(timeout=5)
+    assert isinstance(lock.backend, RedisBackend)
+    async with lock.hold("k") as held:
+        assert held.token > 0
+    assert lock.stats().active_keys == 0
+
+
+test_engine_fixture_builds_redis_locks = pytest.mark.parametrize("engine", ["redis"])(
+    test_engine_fixture_builds_redis_locks
+)
+
+
+async def test_fifo_and_fencing_across_processes(
+    make_backend: Callable[..., RedisBackend], raw: Any, namespace: str
+) -> None:
+    """Two processes' waiters are served in arrival order; each grant gets a larger token."""
+    a, b, c = (KeyedLock(backend=make_backend()) for _ in range(3))
+    backend_b = b.backend
+    assert isinstance(backend_b, RedisBackend)
+    log: list[tuple[str, str]] = []
+    tokens: list[int] = []
+    release = anyio.Event()
+
+    async def user(lock: KeyedLock, name: str, task_status: Any) -> None:
+        async with lock.hold("k") as held:
+            log.append(("enter", name))
+            tokens.append(held.token)
+            if name == "a":
+                task_status.started()
+                await release.wait()
+            log.append(("exit", name))
+
+    async with anyio.create_task_group() as tg:
+        await tg.start(user, a, "a")
+        # Arrival order: b1, c1 (both queue in Redis), then b2, c2 (queue in their process).
+        tg.start_soon(user, b, "b1", anyio.TASK_STATUS_IGNORED)
+        await wait_for(lambda: _eq(queue_length(raw, backend_b, "k"), 1), "b1 queued")
+        tg.start_soon(user, c, "c1", anyio.TASK_STATUS_IGNORED)
+        await wait_for(lambda: _eq(queue_length(raw, backend_b, "k"), 2), "c1 queued")
+        tg.start_soon(user, b, "b2", anyio.TASK_STATUS_IGNORED)
+        await wait_for(lambda: _true(b.waiting("k") == 1), "b2 queued")
+        tg.start_soon(user, c, "c2", anyio.TASK_STATUS_IGNORED)
+        await wait_for(lambda: _true(c.waiting("k") == 1), "c2 queued")
+        release.set()
+
+    order = [name for event, name in log if event == "enter"]
+    assert order == ["a", "b1", "c1", "b2", "c2"]
+    assert log == [(event, name) for name in order for event in ("enter", "exit")]
+    assert tokens == sorted(tokens)
+    assert len(set(tokens)) == len(tokens)
+    assert await leftovers(raw, namespace) == []
+    for lock in (a, b, c):
+        assert lock.stats().active_keys == 0
+
+
+async def _eq(value: Any, expected: int) -> bool:
+    return bool(await value == expected)
+
+
+async def _true(value: bool) -> bool:
+    return value
+
+
+async def test_max_concurrency_across_processes(
+    make_backend: Callable[..., RedisBackend], raw: Any, namespace: str
+) -> None:
+    """With max_concurrency=2, at most two holders exist across processes, and two do."""
+    locks = [KeyedLock(backend=make_backend(), max_concurrency=2) for _ in range(3)]
+    inside: set[str] = set()
+    peak = 0
+    both_in = anyio.Event()
+
+    async def user(lock: KeyedLock, name: str) -> None:
+        nonlocal peak
+        async with lock.hold("k"):
+            inside.add(name)
+            peak = max(peak, len(inside))
+            if len(inside) == 2:
+                both_in.set()
+            await both_in.wait()
+            await anyio.lowlevel.checkpoint()
+            inside.discard(name)
+
+    async with anyio.create_task_group() as tg:
+        for i in range(12):
+            tg.start_soon(user, locks[i % 3], f"u{i}")
+    assert peak == 2
+    assert await leftovers(raw, namespace) == []
+
+
+async def test_timeout_busy_and_cancel_leave_nothing_in_redis(
+    make_backend: Callable[..., RedisBackend], raw: Any, namespace: str
+) -> None:
+    holder = KeyedLock(backend=make_backend())
+    other_backend = make_backend()
+    other = KeyedLock(backend=other_backend)
+    async with holder.hold("k"):
+        with pytest.raises(LockBusy):
+            async with other.hold("k", timeout=0):
+                pytest.fail("granted while held elsewhere")
+        assert await queue_length(raw, other_backend, "k") == 0
+        with pytest.raises(LockTimeout):
+            async with other.hold("k", timeout=0.2):
+                pytest.fail("granted while held elsewhere")
+        assert await queue_length(raw, other_backend, "k") == 0
+        async with anyio.create_task_group() as tg:
+
+            async def cancelled_waiter() -> None:
+                async with other.hold("k"):
+                    pytest.fail("granted while held elsewhere")
+
+            tg.start_soon(cancelled_waiter)
+            await wait_for(lambda: _eq(queue_length(raw, other_backend, "k"), 1), "queued")
+            tg.cancel_scope.cancel()
+        assert await queue_length(raw, other_backend, "k") == 0
+        assert other.stats().active_keys == 0
+    assert await leftovers(raw, namespace) == []
+    async with other.hold("k", timeout=0) as held:  # and the key is free again
+        assert held.token > 0
+
+
+async def test_retried_acquire_is_idempotent(
+    make_backend: Callable[..., RedisBackend], raw: Any
+) -> None:
+    """A retried ACQUIRE whose first reply was lost returns the same grant and fence."""
+    backend = make_backend()
+    lease = await backend.acquire("k", timeout=None, max_concurrency=1)
+    conn = lease._conn
+    args = [lease._token_str, 10_000, 3_000, 3_600_000, conn.channel_prefix, 1, "1"]
+    again = await backend._run(conn.acquire, backend.redis_keys("k"), args, conn)
+    assert again == (1, lease.token, 0)
+    await lease.release()
+    await lease.release()  # idempotent, and a second release frees nothing else
+    assert await raw.exists(backend.redis_keys("k")[0]) == 0
+
+
+async def test_lease_is_renewed_while_held(
+    make_backend: Callable[..., RedisBackend], raw: Any, namespace: str
+) -> None:
+    """A holder that outlives several leases keeps the key; the waiter enters after it left."""
+    lost: list[LeaseLost] = []
+    holder_backend = make_backend(lease=0.3, on_lease_lost=lost.append)
+    holder = KeyedLock(backend=holder_backend)
+    waiter = KeyedLock(backend=make_backend(lease=0.3))
+    own_key = holder_backend.redis_keys("k")[0]
+    log: list[str] = []
+
+    async def wait_in_line() -> None:
+        async with waiter.hold("k"):
+            log.append("waiter-enter")
+
+    async with anyio.create_task_group() as tg, holder.hold("k") as held:
+        log.append("holder-enter")
+        tg.start_soon(wait_in_line)
+        # Watch the lease end move forward three times (each a renewal), > 2 leases long.
+        seen: list[float] = []
+        while len(seen) < 4:
+            score = (await raw.zrange(own_key, 0, 0, withscores=True))[0][1]
+            if not seen or score > seen[-1]:
+                seen.append(score)
+            await anyio.sleep(0.02)
+        assert seen[-1] - seen[0] > 300  # ms of server time: longer than one lease
+        assert held.token > 0
+        log.append("holder-exit")
+    assert log == ["holder-enter", "holder-exit", "waiter-enter"]
+    assert lost == []
+    assert await leftovers(raw, namespace) == []
+
+
+async def test_max_hold_ends_the_lease_and_reports_it(
+    make_backend: Callable[..., RedisBackend], raw: Any, namespace: str
+) -> None:
+    """Renewal stops at max_hold: the loss is reported, and the next holder's token is larger,
+    so a resource checking fencing tokens can refuse the old holder's late writes."""
+    lost: list[LeaseLost] = []
+    got_lost = anyio.Event()
+
+    def on_lost(event: LeaseLost) -> None:
+        lost.append(event)
+        got_lost.set()
+
+    holder = KeyedLock(backend=make_backend(lease=0.3, max_hold=0.6, on_lease_lost=on_lost))
+    waiter = KeyedLock(backend=make_backend(lease=5))
+    log: list[tuple[str, int]] = []
+
+    async def wait_in_line() -> None:
+        async with waiter.hold("k") as held:
+            log.append(("waiter-enter", held.token))
+
+    async with holder.hold("k") as held:
+        log.append(("holder-enter", held.token))
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(wait_in_line)
+            await got_lost.wait()
+        log.append(("holder-exit", held.token))
+    assert [event for event, _ in log] == ["holder-enter", "waiter-enter", "holder-exit"]
+    assert log[1][1] > log[0][1]
+    assert len(lost) == 1
+    assert lost[0].reason == "max_hold"
+    assert lost[0].token == log[0][1]
+    assert lost[0].held_for >= 0.6
+    assert await leftovers(raw, namespace) == []
+
+
+@pytest.fixture
+def dead_url() -> str:
+    return f"redis://127.0.0.1:{free_port()}/0"
+
+
+async def test_unreachable_redis_fails_closed_fast_with_retry_after(dead_url: str) -> None:
+    backend = RedisBackend.from_url(dead_url, breaker_threshold=2, breaker_cooldown=5.0)
+    lock = KeyedLock(backend=backend)
+    errors = []
+    for _ in range(4):
+        with pytest.raises(BackendUnavailable) as caught:
+            async with lock.hold("k"):
+                pytest.fail("served without the lock service")
+        errors.append(caught.value)
+        assert lock.stats().active_keys == 0
+    assert all(error.retry_after is not None and error.retry_after > 0 for error in errors)
+    assert "circuit open" not in str(errors[0])  # real connection attempts first...
+    assert "circuit open" in str(errors[-1])  # ...then the breaker answers at once
+    assert 4 <= errors[-1].retry_after <= 5.0  # type: ignore[operator]
+    rejection = rejection_for(errors[-1])
+    assert rejection.status == 503
+    assert rejection.retry_after == 5
+    await lock.aclose()
+
+
+async def test_fail_open_serves_under_the_in_process_lock(
+    dead_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    lock = KeyedLock(backend=RedisBackend.from_url(dead_url), on_backend_error="open")
+    inside = 0
+    peak = 0
+
+    async def user() -> None:
+        nonlocal inside, peak
+        async with lock.hold("k") as held:
+            assert held.token == 0  # not fenced
+            inside += 1
+            peak = max(peak, inside)
+            await anyio.lowlevel.checkpoint()
+            inside -= 1
+
+    with caplog.at_level("WARNING", logger="keyedlock_asgi"):
+        async with anyio.create_task_group() as tg:
+            for _ in range(5):
+                tg.start_soon(user)
+    assert peak == 1
+    assert "on_backend_error='open'" in caplog.text
+    assert lock.stats().active_keys == 0
+    await lock.aclose()
+
+
+@pytest.mark.parametrize("anyio_backend", ["trio"])
+async def test_construction_under_trio_is_refused() -> None:
+    with pytest.raises(RuntimeError, match="asyncio only"):
+        RedisBackend.from_url(REDIS_URL)
+
+
+@pytest.fixture
+def backend_made_outside_a_loop() -> RedisBackend:
+    return RedisBackend.from_url(REDIS_URL)
+
+
+@pytest.mark.parametrize("anyio_backend", ["trio"])
+async def test_use_under_trio_is_refused(backend_made_outside_a_loop: RedisBackend) -> None:
+    lock = KeyedLock(backend=backend_made_outside_a_loop)
+    with pytest.raises(RuntimeError, match="asyncio only"):
+        async with lock.hold("k"):
+            pytest.fail("ran under trio")
+    assert lock.stats().active_keys == 0
+
+
+def test_options_are_checked() -> None:
+    with pytest.raises(ValueError, match="lease"):
+        RedisBackend.from_url(REDIS_URL, lease=0)
+    with pytest.raises(ValueError, match="max_hold"):
+        RedisBackend.from_url(REDIS_URL, lease=10, max_hold=5)
+    with pytest.raises(ValueError, match="namespace"):
+        RedisBackend.from_url(REDIS_URL, namespace="")
+    with pytest.raises(ValueError, match="max_connections"):
+        RedisBackend.from_url(REDIS_URL, max_connections=1)

@@ -1,0 +1,184 @@
+"""In-process specifics of `KeyedLock`: memory, event loops, the one-liner, option checks."""
+
+from __future__ import annotations
+
+import gc
+import tracemalloc
+
+import anyio
+import anyio.lowlevel
+import pytest
+
+from keyedlock_asgi import KeyedLock, LockAborted, LockStats, mutex
+from tests.support.lockwatch import until
+
+IDLE = LockStats(active_keys=0, holders=0, waiting=0)
+
+
+@pytest.mark.anyio
+async def test_a_million_idle_keys_keep_no_memory() -> None:
+    lock = KeyedLock()
+    async with lock.hold("warm-up"):  # the loop's table and caches exist before measuring
+        pass
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before, _ = tracemalloc.get_traced_memory()
+        for n in range(1_000_000):
+            async with lock.hold(f"user:{n}"):
+                pass
+        gc.collect()
+        after, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert lock.stats() == IDLE
+    assert after - before < 1024
+
+
+@pytest.mark.anyio
+async def test_contended_keys_are_forgotten_too() -> None:
+    lock = KeyedLock()
+    entered, leave = anyio.Event(), anyio.Event()
+
+    async def holder(key: str) -> None:
+        async with lock.hold(key):
+            entered.set()
+            await leave.wait()
+
+    async def waiter(key: str) -> None:
+        async with lock.hold(key):
+            pass
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(holder, "k")
+        await entered.wait()
+        for _ in range(5):
+            tg.start_soon(waiter, "k")
+        await until(lambda: lock.waiting("k") == 5)
+        leave.set()
+    assert lock.stats() == IDLE
+    (state,) = lock._states.values()
+    assert state.keys == {}
+
+
+def test_one_lock_serves_successive_event_loops() -> None:
+    lock = KeyedLock()
+    order: list[str] = []
+
+    async def session(name: str) -> None:
+        entered, leave = anyio.Event(), anyio.Event()
+
+        async def holder() -> None:
+            async with lock.hold("k"):
+                order.append(f"{name}: holder")
+                entered.set()
+                await leave.wait()
+
+        async def waiter() -> None:
+            async with lock.hold("k"):
+                order.append(f"{name}: waiter")
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(holder)
+            await entered.wait()
+            tg.start_soon(waiter)
+            await until(lambda: lock.waiting("k") == 1)
+            leave.set()
+        assert lock.stats() == IDLE
+
+    anyio.run(session, "asyncio 1", backend="asyncio")
+    anyio.run(session, "trio", backend="trio")
+    anyio.run(session, "asyncio 2", backend="asyncio")
+    assert order == [
+        f"{name}: {who}"
+        for name in ("asyncio 1", "trio", "asyncio 2")
+        for who in ("holder", "waiter")
+    ]
+
+
+def test_state_outside_an_event_loop_is_idle() -> None:
+    lock = KeyedLock()
+    assert lock.stats() == IDLE
+    assert not lock.locked("k")
+    assert lock.waiting("k") == 0
+
+
+@pytest.mark.anyio
+async def test_mutex_one_liner_sync_async_and_stop() -> None:
+    def sync_add(a: int, b: int) -> int:
+        return a + b
+
+    async def async_mul(a: int, b: int) -> int:
+        await anyio.lowlevel.checkpoint()
+        return a * b
+
+    assert await mutex("user:1", sync_add, 2, 3) == 5
+    assert await mutex("user:1", async_mul, 2, 3) == 6
+
+    entered, fail = anyio.Event(), anyio.Event()
+    outcomes: list[object] = []
+
+    async def failing() -> None:
+        entered.set()
+        await fail.wait()
+        raise ValueError("card declined")
+
+    async def first() -> None:
+        with pytest.raises(ValueError, match="card declined"):
+            await mutex("user:2", failing, on_error="stop")
+
+    async def queued() -> None:
+        try:
+            await mutex("user:2", sync_add, 1, 1)
+        except LockAborted as exc:
+            outcomes.append(exc)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(first)
+        await entered.wait()
+        tg.start_soon(queued)
+        await anyio.lowlevel.checkpoint()
+        await anyio.lowlevel.checkpoint()
+        fail.set()
+    assert len(outcomes) == 1
+    assert isinstance(outcomes[0], LockAborted)
+    assert await mutex("user:2", sync_add, 1, 1) == 2  # later arrivals run normally
+
+
+@pytest.mark.parametrize(
+    ("options", "error"),
+    [
+        ({"timeout": -1}, ValueError),
+        ({"max_waiting": -1}, ValueError),
+        ({"max_waiting": 1.5}, TypeError),
+        ({"max_concurrency": 0}, ValueError),
+        ({"max_concurrency": True}, TypeError),
+        ({"on_error": "ignore"}, ValueError),
+        ({"on_backend_error": "maybe"}, ValueError),
+        ({"key_prefix": 1}, TypeError),
+    ],
+)
+def test_bad_options_are_refused_at_construction(options: dict[str, object], error: type) -> None:
+    with pytest.raises(error):
+        KeyedLock(**options)  # type: ignore[arg-type]
+
+
+def test_bad_hold_arguments_are_refused_at_once() -> None:
+    lock = KeyedLock()
+    with pytest.raises(TypeError):
+        lock.hold(1)  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        lock.hold("a", 2)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="timeout"):
+        lock.hold("a", timeout=-0.5)
+    with pytest.raises(ValueError, match="on_error"):
+        lock.hold("a", on_error="explode")  # type: ignore[arg-type]
+
+
+def test_options_are_readable() -> None:
+    lock = KeyedLock(
+        timeout=2.0, max_waiting=10, max_concurrency=2, on_error="stop", key_prefix="p:"
+    )
+    assert (lock.timeout, lock.max_waiting, lock.max_concurrency) == (2.0, 10, 2)
+    assert (lock.on_error, lock.key_prefix, lock.backend) == ("stop", "p:", None)
+    assert "in-process" in repr(lock)
