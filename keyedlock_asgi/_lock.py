@@ -364,6 +364,20 @@ class Held:
         self._token = next(lock._fence)
         return True
 
+    def _exit_now(self) -> None:
+        """Leave after a normal end, without awaiting: a hold granted by `_take_now` (one key,
+        in-process) has nothing to await on release. What `__aexit__(None, None, None)` does."""
+        state = self._state
+        if state is None:
+            raise RuntimeError("this hold is not held")
+        self._state = None
+        key: str = self._key  # type: ignore[assignment]
+        table = state.keys
+        entry = table.pop(key)
+        if entry is not self:  # contended: put it back and hand the key on
+            table[key] = entry
+            self._lock._release(state, key, self._task)
+
     async def _acquire_all(self, state: _LoopState, task: object) -> None:
         """Several keys, or a backend: take every key in order, all or nothing."""
         lock = self._lock
@@ -561,6 +575,34 @@ class KeyedLock:
             held._options = self._defaults
             return held
         return Held(self, key, self._options(timeout, max_waiting, on_error))
+
+    def _take_now(self, key: str, options: _Options) -> Held | None:
+        """`hold(key)` already entered, when nobody holds or waits for `key` on this loop and
+        the lock is in-process; None otherwise (nothing changed: take the general path).
+
+        The ASGI layers' fast path: one call, no await, nothing allocated but the `Held`.
+        """
+        if self._backend is not None:
+            return None
+        loop = _running_loop()
+        cached_loop, state = self._cache
+        task = _task_of_loop(loop) if loop is not None else None
+        if task is None or loop is not cached_loop or state is None:
+            state, task = self._current()
+        if self._key_prefix:
+            key = self._key_prefix + key
+        table = state.keys
+        if key in table:
+            return None
+        held = _new_held(Held)
+        held._lock = self
+        held._key = key
+        held._options = options
+        held._task = task
+        held._state = state
+        held._token = next(self._fence)
+        table[key] = held
+        return held
 
     @overload
     async def run(

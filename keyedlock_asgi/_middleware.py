@@ -12,6 +12,7 @@ import inspect
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from time import perf_counter
+from types import FunctionType
 from typing import Any, Literal, TypeAlias
 
 import anyio
@@ -89,6 +90,7 @@ class KeyedLockMiddleware:
         lock.hold("", timeout=timeout, max_waiting=max_waiting, on_error=on_error)
         self.app = app
         self.key = key
+        self._extract = _direct_callable(key)
         self.lock = lock
         self.methods = None if methods is None else frozenset(m.upper() for m in methods)
         self.timeout = timeout
@@ -109,40 +111,71 @@ class KeyedLockMiddleware:
             )
             if value is not UNSET
         }
+        self._options = lock._options(timeout, max_waiting, on_error)
+        self._plain = not server_timing and on_acquired is None and on_released is None
         routes = RouteFilter(include, exclude)
         self._routes = routes if routes.active else None
+        self._filtered = self.methods is not None or self._routes is not None
+        self._reject_missing = on_missing_key == "reject"
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or (
-            self.methods is not None and scope["method"] not in self.methods
-        ):
+        if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        if self._routes is not None:
-            params = self._routes.match(scope)
-            if params is None:
+        if self._filtered:
+            if self.methods is not None and scope["method"] not in self.methods:
                 await self.app(scope, receive, send)
                 return
-            if params:
-                scope[_keys.TEMPLATE_PARAMS] = params
-        key = self.key(scope)
+            if self._routes is not None:
+                params = self._routes.match(scope)
+                if params is None:
+                    await self.app(scope, receive, send)
+                    return
+                if params:
+                    scope[_keys.TEMPLATE_PARAMS] = params
+        key = self._extract(scope)
         if type(key) is not str or not key:
             if key is not None and key != "":
                 key = await _keys._settle_any(key)
             if not key:
-                if self.on_missing_key == "reject":
+                if self._reject_missing:
                     await self._reject(scope, receive, send, MISSING_KEY)
                 else:
                     await self.app(scope, receive, send)
                 return
-        if not _keys._key_is_valid(key, self.max_key_length):
+        if (len(key) > self.max_key_length or not key.isprintable()) and not _keys._key_is_valid(
+            key, self.max_key_length
+        ):
             await self._reject(scope, receive, send, INVALID_KEY)
             return
         lock = self.lock
-        outer = scope.get(SCOPE_KEY)
-        if outer and any(held.lock is lock and key in held.keys for held in outer):
+        records: list[Held] | None = scope.get(SCOPE_KEY)
+        if records and any(held.lock is lock and key in held.keys for held in records):
             await self.app(scope, receive, send)  # an outer layer holds it for this request
             return
+        held = lock._take_now(key, self._options)
+        if held is None:  # held or queued for, re-entered, or a backend: the general path
+            await self._enter_then_run(key, scope, receive, send)
+        elif self._plain:
+            # The fast path, inline: the key was free, no hook, no header to add.
+            if records is None:
+                records = scope[SCOPE_KEY] = [held]
+            else:
+                records.append(held)
+            try:
+                await self.app(scope, receive, send)
+            except BaseException as exc:
+                records.remove(held)
+                await held.__aexit__(type(exc), exc, exc.__traceback__)
+                raise
+            records.remove(held)
+            held._exit_now()
+        else:
+            await self._run(held, scope, receive, send)
+
+    async def _enter_then_run(self, key: str, scope: Scope, receive: Receive, send: Send) -> None:
+        """Take the key the general way: at once if the lock allows, else queue for it."""
+        lock = self.lock
         held = lock.hold(key, **self._hold_options) if self._hold_options else lock.hold(key)
         try:
             granted = held._enter_now()
@@ -279,6 +312,15 @@ def _with_server_timing(send: Send, waited: float) -> Send:
         await send(message)
 
     return timed_send
+
+
+def _direct_callable(function: _keys.KeyExtractor) -> _keys.KeyExtractor:
+    """An object whose class defines `__call__` in Python (every extractor of `keys`): its
+    bound method, which the interpreter calls faster than the object itself."""
+    if isinstance(inspect.getattr_static(function, "__call__", None), FunctionType):
+        method: _keys.KeyExtractor = function.__call__  # type: ignore[operator]
+        return method
+    return function
 
 
 def _check_positive_int(name: str, value: Any, *, minimum: int) -> None:
