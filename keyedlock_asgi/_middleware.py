@@ -220,15 +220,29 @@ class KeyedLockMiddleware:
         """Queue for the key while a watcher reads `receive()`; run the app once granted."""
         watcher = _Watcher(receive, self.max_buffered_body)
         error: KeyedLockError | None = None
+        failure: Exception | None = None  # raised after the task group, not wrapped in a group
         entered = False
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(watcher.watch, tg.cancel_scope)
-            try:
-                await held.__aenter__()
-                entered = True
-            except KeyedLockError as exc:
-                error = exc
-            tg.cancel_scope.cancel()
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(watcher.watch, tg.cancel_scope)
+                try:
+                    await held.__aenter__()
+                    entered = True
+                except LockReentryError as exc:
+                    failure = exc
+                except KeyedLockError as exc:
+                    error = exc
+                except Exception as exc:
+                    failure = exc
+                tg.cancel_scope.cancel()
+        except BaseException:
+            # Cancelled from outside while the watcher stopped: never keep a granted key.
+            if entered:
+                with anyio.CancelScope(shield=True):
+                    await held.__aexit__(None, None, None)
+            raise
+        if failure is not None:
+            raise failure
         if watcher.gone is not None:
             if entered:  # granted at the very moment the client left: hand the key on at once
                 await held.__aexit__(None, None, None)
