@@ -131,11 +131,6 @@ class _LoopState:
             "trio" if loop is None else "asyncio"
         )
 
-    def new_signal(self) -> Any:
-        if self.loop is not None:
-            return self.loop.create_future()
-        return self.event_class()
-
     def wake(self, signal: Any) -> None:
         if self.loop is None:
             signal.set()
@@ -278,12 +273,7 @@ class Held:
 
     async def __aenter__(self) -> Held:
         lock = self._lock
-        loop = _running_loop()
-        cached_loop, state = lock._cache
-        task = _task_of_loop(loop) if loop is not None else None
-        if task is None or loop is not cached_loop:
-            state, task = lock._current()
-        assert state is not None
+        state, task = lock._current()
         self._task = task
         key = self._key
         if type(key) is str and lock._backend is None:
@@ -295,8 +285,6 @@ class Held:
                 self._token = next(lock._fence)
                 self._state = state
                 return self
-            if entry._task is task if type(entry) is Held else task in entry.owners:  # type: ignore[union-attr]
-                raise LockReentryError(f"this task already holds the key {key!r}")
             queue = lock._grant_now(state, key, self, task)
             if queue is not None:
                 start = perf_counter()
@@ -314,15 +302,15 @@ class Held:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        try:
-            state = self._state
-        except AttributeError:
-            state = None
-        if state is None:
-            raise RuntimeError("this hold is not held") from None
-        self._state = None
-        lock = self._lock
         key = self._key
+        lock = self._lock
+        if exc is None and type(key) is str and lock._backend is None:
+            self._exit_now()
+            return
+        state = getattr(self, "_state", None)
+        if state is None:
+            raise RuntimeError("this hold is not held")
+        self._state = None
         if (
             exc is not None
             and self._options[2] == "stop"
@@ -332,15 +320,8 @@ class Held:
                 lock._abort_waiters(state, one, exc)
         if lock._backend is not None:
             await self._release_leases(self._leases)
-        if type(key) is str:
-            table = state.keys
-            entry = table.pop(key)
-            if entry is not self:  # contended: put it back and hand the key on
-                table[key] = entry
-                lock._release(state, key, self._task)
-        else:
-            for one in key:
-                lock._release(state, one, self._task)
+        for one in (key,) if type(key) is str else key:
+            lock._release(state, one, self._task)
 
     def _enter_now(self) -> bool:
         """Enter without waiting if that is possible (one key, in-process, grantable now).
@@ -354,9 +335,6 @@ class Held:
         if type(key) is not str or lock._backend is not None:
             return False
         state, task = lock._current()
-        entry = state.keys.get(key)
-        if entry is not None and _holds(entry, task):
-            raise LockReentryError(f"this task already holds the key {key!r}")
         if lock._grant_now(state, key, self, task) is not None:
             return False
         self._task = task
@@ -365,17 +343,19 @@ class Held:
         return True
 
     def _exit_now(self) -> None:
-        """Leave after a normal end, without awaiting: a hold granted by `_take_now` (one key,
-        in-process) has nothing to await on release. What `__aexit__(None, None, None)` does."""
-        state = self._state
+        """Leave after a normal end without awaiting (one key, in-process: nothing to await).
+
+        What `__aexit__(None, None, None)` does; the ASGI fast path calls it directly.
+        """
+        state = getattr(self, "_state", None)
         if state is None:
             raise RuntimeError("this hold is not held")
         self._state = None
         key: str = self._key  # type: ignore[assignment]
         table = state.keys
-        entry = table.pop(key)
-        if entry is not self:  # contended: put it back and hand the key on
-            table[key] = entry
+        if table.get(key) is self:
+            del table[key]
+        else:  # contended: hand the key on
             self._lock._release(state, key, self._task)
 
     async def _acquire_all(self, state: _LoopState, task: object) -> None:
@@ -584,11 +564,7 @@ class KeyedLock:
         """
         if self._backend is not None:
             return None
-        loop = _running_loop()
-        cached_loop, state = self._cache
-        task = _task_of_loop(loop) if loop is not None else None
-        if task is None or loop is not cached_loop or state is None:
-            state, task = self._current()
+        state, task = self._current()
         if self._key_prefix:
             key = self._key_prefix + key
         table = state.keys
@@ -804,6 +780,8 @@ class KeyedLock:
         if entry is None:
             table[key] = held
             return None
+        if _holds(entry, task):  # before busy / queue full: waiting would never end
+            raise LockReentryError(f"this task already holds the key {key!r}")
         if type(entry) is Held:
             if self._max_concurrency > 1:
                 table[key] = _KeyState([entry._task, task])
@@ -893,11 +871,7 @@ class KeyedLock:
             waiter = entry.waiters.popleft()
             waiter.granted = True
             owners.append(waiter.task)
-            signal = waiter.signal
-            if state.loop is None:
-                signal.set()
-            elif not signal.done():
-                signal.set_result(None)
+            state.wake(waiter.signal)
         elif not owners:
             del table[key]
 
