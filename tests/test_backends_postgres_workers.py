@@ -247,7 +247,9 @@ async def test_frozen_worker_loses_the_key_after_the_lease(shop: Shop, pg: Any) 
             os.kill(entered["worker"], signal.SIGCONT)
         await until(lambda: _lost_reported(pg, shop, user, entered["token"]))
         await _finish_holder(pg, shop, user)
-    assert (other["at"] - entered["at"]).total_seconds() >= LEASE  # the server kept it a lease
+    # The lease runs from the lock connection's last statement (the grant), which comes a
+    # moment before the holder's "enter" row: allow that moment, never a real early grant.
+    assert (other["at"] - entered["at"]).total_seconds() >= LEASE - 0.1
     assert other["token"] > entered["token"]
     assert_no_overlap(await events(pg, shop, user), skip=f"{user}:holder")
 

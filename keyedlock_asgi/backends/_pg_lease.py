@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -87,9 +88,12 @@ class PostgresLease:
                     return
                 self._done = True
                 self._stop_heartbeat()
-                self._conn.remove_termination_listener(self._on_closed)
+                # After the connection died the pool may have detached our proxy already:
+                # nothing below may raise, or the pool slot would never be given back.
+                with contextlib.suppress(Exception):
+                    self._conn.remove_termination_listener(self._on_closed)
                 clean = False
-                if not self.lost and not self._conn.is_closed():
+                if not self.lost and not _is_closed(self._conn):
                     try:
                         clean = await self._backend._unlock(self._conn, self._lock_id)
                     except Exception as exc:
@@ -139,3 +143,11 @@ class PostgresLease:
                 hook(event)
             except Exception:
                 logger.exception("the on_lease_lost hook raised")
+
+
+def _is_closed(conn: Any) -> bool:
+    """Whether a pooled connection is unusable (closed, or already detached by the pool)."""
+    try:
+        return bool(conn.is_closed())
+    except Exception:
+        return True
