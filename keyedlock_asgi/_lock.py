@@ -94,15 +94,16 @@ class LockStats:
 
 
 class _Waiter:
-    """One queued caller. `granted` is set by the releasing task before the waiter wakes."""
+    """One queued caller. `granted` is set by the releasing task before the waiter wakes.
+
+    Built in `KeyedLock._wait` without an `__init__` frame (the contended path is hot).
+    """
 
     __slots__ = ("aborted", "granted", "signal", "task")
-
-    def __init__(self, task: object, signal: Any) -> None:
-        self.task = task
-        self.signal = signal
-        self.granted = False
-        self.aborted: BaseException | None = None
+    task: object
+    signal: Any  # asyncio: a future; trio: an Event
+    granted: bool
+    aborted: BaseException | None  # on_error="stop": the holder's exception
 
 
 class _KeyState:
