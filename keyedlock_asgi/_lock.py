@@ -9,7 +9,8 @@ Design, in short:
   waiter is deleted, so idle keys cost nothing.
 - Release hands the key directly to the first waiter (it becomes a holder before it even
   wakes), so nobody can barge in. A waiter that is cancelled or times out after being handed
-  the key passes it on, or uses it: a `granted` flag settles every race.
+  the key passes it on, or uses it: the grant is recorded before the wake-up (an asyncio
+  waiter's future result, a trio waiter's `granted` flag), and that record settles every race.
 - The uncontended path does not yield to the event loop (like `asyncio.Lock`).
 """
 
@@ -26,7 +27,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from time import perf_counter
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Final, Literal, ParamSpec, TypeVar, Union, overload
+from typing import TYPE_CHECKING, Any, Final, Literal, ParamSpec, TypeVar, Union, final, overload
 
 import anyio
 import anyio.lowlevel
@@ -94,18 +95,25 @@ class LockStats:
 
 
 class _Waiter:
-    """One queued caller. `granted` is set by the releasing task before the waiter wakes.
+    """One caller queued on trio. `granted` is set by the releasing task before it wakes.
 
-    Built in `KeyedLock._wait` without an `__init__` frame (the contended path is hot).
+    On asyncio a waiter is a `(future, task)` tuple instead: the future's result is the
+    outcome (`True` granted, an exception aborted) and a cancelled future is a waiter that
+    gave up, so no object is allocated and no flag kept beside it (the contended path is hot).
     """
 
     __slots__ = ("aborted", "granted", "signal", "task")
     task: object
-    signal: Any  # asyncio: a future; trio: an Event
+    signal: Any  # a trio.Event
     granted: bool
     aborted: BaseException | None  # on_error="stop": the holder's exception
 
 
+_AsyncioWaiter = tuple["asyncio.Future[object]", object]
+GRANTED: Final = True  # an asyncio waiter's future result when it was handed the key
+
+
+@final
 class _KeyState:
     """A contended key (or one with several holders): holders' tasks and the FIFO queue."""
 
@@ -113,7 +121,7 @@ class _KeyState:
 
     def __init__(self, owners: list[object]) -> None:
         self.owners = owners
-        self.waiters: deque[_Waiter] = deque()
+        self.waiters: deque[_Waiter | _AsyncioWaiter] = deque()
 
 
 class _LoopState:
@@ -132,12 +140,6 @@ class _LoopState:
             "trio" if loop is None else "asyncio"
         )
 
-    def wake(self, signal: Any) -> None:
-        if self.loop is None:
-            signal.set()
-        elif not signal.done():
-            signal.set_result(None)
-
 
 def _checkpoint_if_cancelled_for(library: str) -> Callable[[], Awaitable[None]]:
     """anyio's `checkpoint_if_cancelled` for one event loop, looked up once, not per call."""
@@ -150,37 +152,41 @@ def _checkpoint_if_cancelled_for(library: str) -> Callable[[], Awaitable[None]]:
     return found
 
 
-def _anyio_task_states() -> Any:
-    """anyio's record of each asyncio task's cancel scope, or None if anyio moved it."""
+def _anyio_task_states() -> dict[Any, Any] | None:
+    """anyio's record of each asyncio task's cancel scope (the weak dictionary's own dict, read
+    without its Python-level `get`), or None if anyio moved it."""
     try:
         from anyio._backends._asyncio import _task_states
     except ImportError:  # pragma: no cover - anyio internals moved
         return None
-    return _task_states
+    data = getattr(_task_states, "data", None)
+    return data if isinstance(data, dict) else None
 
 
 _task_states = _anyio_task_states()
+_weakref = weakref.ref
 
 
 def _may_be_cancelled(task: object) -> bool:
     """Cheap test for an anyio cancel scope already cancelled around an asyncio task.
 
     anyio does not interrupt a task whose awaited future is already done (a hand-off), so
-    without this a cancelled waiter would run its block up to its next checkpoint. When in
-    doubt (anyio internals changed, trio) it answers True and the public check runs.
+    without this a cancelled waiter would run its block up to its next checkpoint. It reads
+    anyio's private attributes (one dict lookup, no property calls: the contended path is
+    hot); when in doubt (anyio internals changed) it answers True and the public check runs.
     """
     if _task_states is None:
         return True
     try:
-        task_state = _task_states.get(task)
+        task_state = _task_states.get(_weakref(task))
         scope = task_state.cancel_scope if task_state is not None else None
         while scope is not None:
-            if scope.cancel_called:
+            if scope._cancel_called:
                 return True
-            if scope.shield:
+            if scope._shield:
                 return False
             scope = scope._parent_scope
-    except AttributeError:  # pragma: no cover - anyio internals changed
+    except (AttributeError, TypeError):  # pragma: no cover - anyio internals changed
         return True
     return False
 
@@ -201,9 +207,10 @@ def _holds(entry: Held | _KeyState, task: object) -> bool:
     """Whether `task` acquired one of the holds on this table entry."""
     if type(entry) is Held:
         return entry._task is task
-    return task in entry.owners  # type: ignore[union-attr]
+    return task in entry.owners
 
 
+@final
 class Held:
     """A hold on one or more keys of a `KeyedLock`: use it once, with `async with`.
 
@@ -274,27 +281,54 @@ class Held:
 
     async def __aenter__(self) -> Held:
         lock = self._lock
-        state, task = lock._current()
+        loop = _running_loop()
+        cached_loop, state = lock._cache  # `_current()`'s common case, inline
+        task = _task_of_loop(loop) if cached_loop is loop and loop is not None else None
+        if task is None or state is None:
+            state, task = lock._current()
         self._task = task
         key = self._key
-        if type(key) is str and lock._backend is None:
-            # The hot path: one key, in-process only.
-            table = state.keys
-            entry = table.get(key)
-            if entry is None:
-                table[key] = self
-                self._token = next(lock._fence)
-                self._state = state
-                return self
-            queue = lock._grant_now(state, key, self, task)
+        if type(key) is not str or lock._backend is not None:
+            await self._acquire_all(state, task)
+            return self
+        # The hot path: one key, in-process only.
+        table = state.keys
+        entry = table.get(key)
+        if entry is None:
+            table[key] = self
+        else:
+            timeout, max_waiting, _ = self._options
+            if (
+                type(entry) is _KeyState
+                and entry.waiters  # others queue already: so does this caller
+                and timeout is None
+                and max_waiting is None
+                and task not in entry.owners
+            ):
+                queue: _KeyState | None = entry
+            else:
+                queue = lock._join(state, key, entry, self, task)
             if queue is not None:
                 start = perf_counter()
-                await lock._wait(state, key, queue, task, self._options[0])
+                loop = state.loop
+                if loop is not None and timeout is None:
+                    # asyncio without a deadline (the contended hot path): `_wait` inline,
+                    # no frame. A `(future, task)` tuple is the waiter.
+                    future: asyncio.Future[object] = asyncio.Future(loop=loop)
+                    waiter = (future, task)
+                    queue.waiters.append(waiter)
+                    try:
+                        await future
+                    except BaseException:
+                        lock._give_up(state, key, queue, waiter)
+                        raise
+                    if future.result() is not GRANTED or _may_be_cancelled(task):
+                        await lock._settle(state, key, queue, waiter, None)
+                else:
+                    await lock._wait(state, key, queue, task, timeout)
                 self._waited = perf_counter() - start
-            self._token = next(lock._fence)
-            self._state = state
-            return self
-        await self._acquire_all(state, task)
+        self._token = next(lock._fence)
+        self._state = state
         return self
 
     async def __aexit__(
@@ -305,13 +339,38 @@ class Held:
     ) -> None:
         key = self._key
         lock = self._lock
-        if exc is None and type(key) is str and lock._backend is None:
-            self._exit_now()
-            return
         state = getattr(self, "_state", None)
         if state is None:
             raise RuntimeError("this hold is not held")
         self._state = None
+        if exc is None and type(key) is str and lock._backend is None:
+            # The hot path: `_release` inline (no frame), as the contended path runs it for
+            # every hand-off.
+            table = state.keys
+            entry = table[key]
+            if type(entry) is Held:  # uncontended: that is this hold
+                del table[key]
+                return
+            owners = entry.owners
+            owners.remove(self._task)
+            waiters = entry.waiters
+            while waiters:
+                waiter = waiters.popleft()
+                if type(waiter) is tuple:
+                    future, next_task = waiter
+                    if future.done():  # cancelled, not yet out of the queue: skip it
+                        continue
+                    future.set_result(GRANTED)
+                else:
+                    assert isinstance(waiter, _Waiter)  # trio
+                    waiter.granted = True
+                    next_task = waiter.task
+                    waiter.signal.set()
+                owners.append(next_task)
+                return
+            if not owners:
+                del table[key]
+            return
         if (
             exc is not None
             and self._options[2] == "stop"
@@ -781,15 +840,24 @@ class KeyedLock:
         if entry is None:
             table[key] = held
             return None
-        if _holds(entry, task):  # before busy / queue full: waiting would never end
-            raise LockReentryError(f"this task already holds the key {key!r}")
+        return self._join(state, key, entry, held, task)
+
+    def _join(
+        self, state: _LoopState, key: str, entry: Held | _KeyState, held: Held, task: object
+    ) -> _KeyState | None:
+        """`_grant_now` for a key in use: share it (None) or return the queue to join."""
+        table = state.keys
+        # Re-entry first, before busy / queue full: waiting would never end.
         if type(entry) is Held:
+            if entry._task is task:
+                raise LockReentryError(f"this task already holds the key {key!r}")
             if self._max_concurrency > 1:
                 table[key] = _KeyState([entry._task, task])
                 return None
             queued = 0
         else:
-            assert isinstance(entry, _KeyState)
+            if task in entry.owners:
+                raise LockReentryError(f"this task already holds the key {key!r}")
             if len(entry.owners) < self._max_concurrency and not entry.waiters:
                 entry.owners.append(task)
                 return None
@@ -799,7 +867,7 @@ class KeyedLock:
             raise LockBusy("the key is held")
         if max_waiting is not None and queued >= max_waiting:
             raise QueueFull(f"{queued} callers already wait for the key (max_waiting)")
-        if isinstance(entry, Held):
+        if type(entry) is Held:
             entry = table[key] = _KeyState([entry._task])
         return entry
 
@@ -813,46 +881,106 @@ class KeyedLock:
     ) -> None:
         """Wait in `entry`'s queue until `key` is handed over (then the caller holds it)."""
         loop = state.loop
-        waiter = _new_waiter(_Waiter)  # the contended path: skip __init__'s frame
+        if loop is None:
+            await self._wait_trio(state, key, entry, task, timeout)
+            return
+        future: asyncio.Future[object] = asyncio.Future(loop=loop)
+        waiter = (future, task)
+        entry.waiters.append(waiter)
+        try:
+            if timeout is None:
+                await future
+            else:
+                with anyio.move_on_after(timeout):
+                    await future
+        except BaseException:
+            self._give_up(state, key, entry, waiter)
+            raise
+        if not future.cancelled() and future.result() is GRANTED and not _may_be_cancelled(task):
+            return
+        await self._settle(state, key, entry, waiter, timeout)
+
+    async def _settle(
+        self,
+        state: _LoopState,
+        key: str,
+        entry: _KeyState,
+        waiter: _AsyncioWaiter,
+        timeout: float | None,
+    ) -> None:
+        """An asyncio waiter woke up: run a cancellation pending on a grant (passing the key
+        on), or leave the queue and raise what ended the wait (abort, deadline)."""
+        future, task = waiter
+        outcome = future.result() if future.done() and not future.cancelled() else None
+        if outcome is GRANTED:
+            await self._checkpoint_holding(state, key, task)
+            return
+        self._leave_queue(state, key, entry, waiter)
+        if isinstance(outcome, BaseException):
+            raise LockAborted("the holder of the key failed") from outcome
+        raise _timed_out(timeout)
+
+    async def _wait_trio(
+        self,
+        state: _LoopState,
+        key: str,
+        entry: _KeyState,
+        task: object,
+        timeout: float | None,
+    ) -> None:
+        """`_wait` on trio: the waiter parks on a `trio.Event` and carries its outcome."""
+        waiter = _new_waiter(_Waiter)  # skip __init__'s frame
         waiter.task = task
-        waiter.signal = loop.create_future() if loop is not None else state.event_class()
+        waiter.signal = signal = state.event_class()
         waiter.granted = False
         waiter.aborted = None
         entry.waiters.append(waiter)
-        signal = waiter.signal
         try:
             if timeout is None:
-                await (signal if loop is not None else signal.wait())
+                await signal.wait()
             else:
                 with anyio.move_on_after(timeout):
-                    await (signal if loop is not None else signal.wait())
+                    await signal.wait()
         except BaseException:
-            # Cancelled: pass the key on if it was already handed to us, else leave the queue.
-            if waiter.granted:
-                self._release(state, key, task)
-            else:
-                self._leave_queue(state, key, entry, waiter)
+            self._give_up(state, key, entry, waiter)
             raise
         if waiter.granted:
-            # Handed the key just as a cancellation arrived: pass it on before running anything.
-            try:
-                if state.loop is None or _may_be_cancelled(task):
-                    await state.checkpoint_if_cancelled()
-            except BaseException:
-                self._release(state, key, task)
-                raise
+            await self._checkpoint_holding(state, key, task)
             return
         self._leave_queue(state, key, entry, waiter)
         if waiter.aborted is not None:
             raise LockAborted("the holder of the key failed") from waiter.aborted
-        error = LockTimeout(f"the key was not granted within {timeout:g} seconds")
-        error.retry_after = timeout
-        raise error
+        raise _timed_out(timeout)
+
+    async def _checkpoint_holding(self, state: _LoopState, key: str, task: object) -> None:
+        """Raise a cancellation pending on a task just handed `key`, passing the key on first."""
+        try:
+            await state.checkpoint_if_cancelled()
+        except BaseException:
+            self._release(state, key, task)
+            raise
+
+    def _give_up(
+        self, state: _LoopState, key: str, entry: _KeyState, waiter: _Waiter | _AsyncioWaiter
+    ) -> None:
+        """A waiter was cancelled: pass the key on if it was handed over, else leave the queue."""
+        if type(waiter) is tuple:
+            future, task = waiter
+            granted = future.done() and not future.cancelled() and future.result() is GRANTED
+        else:
+            assert isinstance(waiter, _Waiter)  # trio
+            granted, task = waiter.granted, waiter.task
+        if granted:
+            self._release(state, key, task)
+        else:
+            self._leave_queue(state, key, entry, waiter)
 
     @staticmethod
-    def _leave_queue(state: _LoopState, key: str, entry: _KeyState, waiter: _Waiter) -> None:
+    def _leave_queue(
+        state: _LoopState, key: str, entry: _KeyState, waiter: _Waiter | _AsyncioWaiter
+    ) -> None:
         """Remove a waiter that gave up; drop the key's state if nobody else needs it."""
-        with contextlib.suppress(ValueError):  # already taken off the queue (aborted)
+        with contextlib.suppress(ValueError):  # already taken off the queue
             entry.waiters.remove(waiter)
         if not entry.owners and not entry.waiters and state.keys.get(key) is entry:
             del state.keys[key]
@@ -865,15 +993,24 @@ class KeyedLock:
         if type(entry) is Held:
             del table[key]
             return
-        assert isinstance(entry, _KeyState)
         owners = entry.owners
         owners.remove(task)
-        if entry.waiters:
-            waiter = entry.waiters.popleft()
-            waiter.granted = True
-            owners.append(waiter.task)
-            state.wake(waiter.signal)
-        elif not owners:
+        waiters = entry.waiters
+        while waiters:
+            waiter = waiters.popleft()
+            if type(waiter) is tuple:
+                future, next_task = waiter
+                if future.done():  # cancelled, not yet out of the queue: skip it
+                    continue
+                future.set_result(GRANTED)
+            else:
+                assert isinstance(waiter, _Waiter)  # trio
+                waiter.granted = True
+                next_task = waiter.task
+                waiter.signal.set()
+            owners.append(next_task)
+            return
+        if not owners:
             del table[key]
 
     @staticmethod
@@ -882,10 +1019,22 @@ class KeyedLock:
         entry = state.keys.get(key)
         if not isinstance(entry, _KeyState):
             return
-        while entry.waiters:
-            waiter = entry.waiters.popleft()
-            waiter.aborted = cause
-            state.wake(waiter.signal)
+        waiters = entry.waiters
+        while waiters:
+            waiter = waiters.popleft()
+            if type(waiter) is tuple:
+                if not waiter[0].done():
+                    waiter[0].set_result(cause)
+            else:
+                assert isinstance(waiter, _Waiter)  # trio
+                waiter.aborted = cause
+                waiter.signal.set()
+
+
+def _timed_out(timeout: float | None) -> LockTimeout:
+    error = LockTimeout(f"the key was not granted within {timeout:g} seconds")
+    error.retry_after = timeout
+    return error
 
 
 def _check_timeout(timeout: float | None) -> None:

@@ -185,13 +185,16 @@ async def test_cancelled_waiter_leaves_the_queue_and_never_holds(make_lock: Make
     assert lock.stats() == IDLE
 
 
+@pytest.mark.parametrize("timeout", [None, 60.0], ids=["no-deadline", "deadline"])
 @pytest.mark.parametrize(
     "release_first", [False, True], ids=["cancel-then-release", "release-then-cancel"]
 )
 async def test_waiter_cancelled_at_hand_off_passes_the_key_on(
-    make_lock: MakeLock, release_first: bool
+    make_lock: MakeLock, release_first: bool, timeout: float | None
 ) -> None:
-    """The anyio 4.13 stranded-lock race (anyio PR #1145): cancel and release in one step."""
+    """The anyio 4.13 stranded-lock race (anyio PR #1145): cancel and release in one step.
+
+    With and without a deadline: the two take different waiting paths."""
     lock = make_lock()
     timeline = Timeline()
     holder = lock.hold("k")
@@ -200,7 +203,7 @@ async def test_waiter_cancelled_at_hand_off_passes_the_key_on(
 
     async def waiter(name: str, scope: anyio.CancelScope) -> None:
         with scope:
-            async with lock.hold("k"):
+            async with lock.hold("k", timeout=timeout):
                 timeline.enter("k", name)
                 try:
                     await anyio.lowlevel.checkpoint()

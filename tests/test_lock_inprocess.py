@@ -182,3 +182,40 @@ def test_options_are_readable() -> None:
     assert (lock.timeout, lock.max_waiting, lock.max_concurrency) == (2.0, 10, 2)
     assert (lock.on_error, lock.key_prefix, lock.backend) == ("stop", "p:", None)
     assert "in-process" in repr(lock)
+
+
+@pytest.mark.parametrize(
+    "release_first", [False, True], ids=["cancel-then-release", "release-then-cancel"]
+)
+def test_plain_asyncio_cancel_at_hand_off_passes_the_key_on(release_first: bool) -> None:
+    """`Task.cancel()` from asyncio code (no anyio scope) in the same step as the hand-off: the
+    cancelled waiter never runs its block and the next waiter gets the key."""
+    import asyncio
+
+    lock = KeyedLock()
+    entered: list[str] = []
+
+    async def waiter(name: str) -> None:
+        async with lock.hold("k"):
+            entered.append(name)
+
+    async def main() -> None:
+        holder = lock.hold("k")
+        await holder.__aenter__()
+        doomed = asyncio.create_task(waiter("W1"))
+        await until(lambda: lock.waiting("k") == 1)
+        second = asyncio.create_task(waiter("W2"))
+        await until(lambda: lock.waiting("k") == 2)
+        # No await between these two steps: W1 cannot run in between.
+        if release_first:
+            await holder.__aexit__(None, None, None)
+            doomed.cancel()
+        else:
+            doomed.cancel()
+            await holder.__aexit__(None, None, None)
+        await until(lambda: doomed.done() and second.done())  # a stranded key never ends
+        assert doomed.cancelled()
+        assert entered == ["W2"]
+        assert lock.stats() == IDLE
+
+    asyncio.run(main())
