@@ -218,7 +218,7 @@ async def test_retried_acquire_is_idempotent(
     backend = make_backend()
     lease = await backend.acquire("k", timeout=None, max_concurrency=1)
     conn = lease._conn
-    args = [lease._token_str, 10_000, 3_000, 3_600_000, conn.channel_prefix, 1, "1"]
+    args = [lease._token_str, 10_000, 3_000, 3_600_000, conn.channel_prefix, 1, "1", 3_000]
     again = await backend._run(conn.acquire, backend.redis_keys("k"), args, conn)
     assert again == (1, lease.token, 0)
     await lease.release()
