@@ -10,8 +10,8 @@ live in one Cluster slot), and every one of them expires:
 
 Hand-off is direct: when a slot frees (RELEASE, or any script that prunes an ended lease), the
 script itself makes the live waiter at the head of the queue a holder, with a short *claim*
-lease, and publishes `"<token> <fence>"` on the channel `<channel prefix><process id>`, which
-only that waiter's process listens to (tokens are `"<process id>|<n>"`). The waiter then holds
+lease, and publishes `"<token> <fence> <claim ms>"` on the channel `<channel prefix><process id>`,
+which only that waiter's process listens to (tokens are `"<process id>|<n>"`). The waiter then holds
 the key without another round trip and renews the claim to a full lease. Whatever happens to the
 message, the grant stands: the waiter's next ACQUIRE finds "already ours", its RELEASE (on
 timeout or cancellation) passes the key on, and if its process died the claim simply ends.
@@ -64,8 +64,8 @@ end
 
 -- Direct hand-off: give every free slot to the live waiter at the head of the queue, with a
 -- short claim lease (the waiter renews it to a full lease), and tell that waiter's process
--- ("<token> <fence>" on its channel) so that it holds the key without asking again. A waiter
--- whose process died holds it only until the claim ends; a lost message is found by the
+-- ("<token> <fence> <claim ms>" on its channel) so that it holds the key without asking again.
+-- A waiter whose process died holds it only until the claim ends; a lost message is found by the
 -- waiter's next ACQUIRE ("already ours"). `quiet` (the caller of the script) is not told.
 local function hand_on(slots, claim, meta_ttl, prefix, quiet)
   local free = slots - redis.call('ZCARD', own)
@@ -81,7 +81,7 @@ local function hand_on(slots, claim, meta_ttl, prefix, quiet)
       free = free - 1
       local proc = string.match(head, '^([^|]+)|')
       if proc and head ~= quiet then
-        redis.call('PUBLISH', prefix .. proc, head .. ' ' .. fence)
+        redis.call('PUBLISH', prefix .. proc, head .. ' ' .. fence .. ' ' .. claim)
       end
     end
   end

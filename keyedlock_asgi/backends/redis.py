@@ -9,11 +9,11 @@ How one grant works (see `_redis_scripts` for the atomic steps):
   half the claim lease). Then it calls ACQUIRE again, which also proves it is alive. No polling
   loop, no lost wake-up: the future is registered before each call.
 - Direct hand-off: RELEASE (and any script that finds an ended lease) makes the head waiter a
-  holder itself, with a short claim lease, and publishes `"<token> <fence>"` to that waiter's
-  process. The parked waiter holds the key as soon as the message arrives, with no second round
-  trip, and renews the claim to a full lease. A lost message is found by the fallback ACQUIRE
-  ("already ours"); a waiter cancelled or timed out meanwhile passes the grant on with RELEASE;
-  a waiter whose process died holds it until the claim ends.
+  holder itself, with a short claim lease, and publishes `"<token> <fence> <claim ms>"` to that
+  waiter's process. The parked waiter holds the key as soon as the message arrives, with no
+  second round trip, and renews the claim to a full lease. A lost message is found by the
+  fallback ACQUIRE ("already ours"); a waiter cancelled or timed out meanwhile passes the grant
+  on with RELEASE; a waiter whose process died holds it until the claim ends.
 - A holder's lease is renewed every `lease / 3` while it holds, up to `max_hold` (a claim is
   renewed within a third of its length).
 - RELEASE (also used to leave the queue) removes the token and hands the key on; it runs
@@ -171,27 +171,34 @@ class _Connection:
         self.pubsub: Any = None
         self.reader: asyncio.Task[None] | None = None
         self.ready: asyncio.Future[None] | None = None
-        # Parked waiters by token; resolved with the fence of a hand-off, or 0: ask Redis again.
-        self.waiters: dict[str, asyncio.Future[int]] = {}
+        # Parked waiters by token; resolved with a hand-off's (fence, claim ms), or _ASK_AGAIN.
+        self.waiters: dict[str, asyncio.Future[tuple[int, int]]] = {}
         self.leases: set[RedisLease] = set()
         self.counter = itertools.count(1)
 
     def wake(self, message: str) -> None:
-        """A script's message: `"<token> <fence>"` (handed the key) or `"<token>"` (ask again)."""
-        token, _, fence = message.partition(" ")
+        """A script's message: `"<token> <fence> <claim ms>"` (handed the key), or anything
+        else naming a token (ask Redis again)."""
+        token, *grant = message.split(" ")
         future = self.waiters.get(token)
         if future is not None and not future.done():
-            future.set_result(int(fence) if fence.isdigit() else 0)
+            if len(grant) == 2 and grant[0].isdigit() and grant[1].isdigit():
+                future.set_result((int(grant[0]), int(grant[1])))
+            else:
+                future.set_result(_ASK_AGAIN)
 
     def wake_all(self) -> None:
         for future in self.waiters.values():
             if not future.done():
-                future.set_result(0)
+                future.set_result(_ASK_AGAIN)
 
 
-def _resolve(future: asyncio.Future[int]) -> None:
+_ASK_AGAIN = (0, 0)
+
+
+def _resolve(future: asyncio.Future[tuple[int, int]]) -> None:
     if not future.done():
-        future.set_result(0)
+        future.set_result(_ASK_AGAIN)
 
 
 class RedisLease:
@@ -513,11 +520,11 @@ class RedisBackend:
                     pause = min(pause, left)
                 timer = loop.call_later(pause, _resolve, future)
                 try:
-                    fence = await future
+                    fence, claim_ms = await future
                 finally:
                     timer.cancel()
                 if fence:  # handed the key by a RELEASE: a claim, begun after `sent_at`
-                    valid_for = self._claim
+                    valid_for = claim_ms / 1000
                     break
         except BaseException:
             waiters.pop(token, None)
