@@ -19,6 +19,7 @@ import pytest
 
 from keyedlock_asgi import BackendUnavailable, KeyedLock, LockBusy, LockTimeout
 from keyedlock_asgi._responses import rejection_for
+from keyedlock_asgi.backends import _redis_scripts
 from keyedlock_asgi.backends.redis import LeaseLost, RedisBackend
 from tests.support.engine_redis import REDIS_URL, require_redis
 from tests.support.server import free_port
@@ -218,7 +219,7 @@ async def test_retried_acquire_is_idempotent(
     backend = make_backend()
     lease = await backend.acquire("k", timeout=None, max_concurrency=1)
     conn = lease._conn
-    args = [lease._token_str, 10_000, 3_000, 3_600_000, conn.channel_prefix, 1, "1"]
+    args = [lease._token_str, 10_000, 3_000, 3_600_000, conn.channel_prefix, 1, "1", 3_000]
     again = await backend._run(conn.acquire, backend.redis_keys("k"), args, conn)
     assert again == (1, lease.token, 0)
     await lease.release()
@@ -374,3 +375,273 @@ def test_options_are_checked() -> None:
         RedisBackend.from_url(REDIS_URL, namespace="")
     with pytest.raises(ValueError, match="max_connections"):
         RedisBackend.from_url(REDIS_URL, max_connections=1)
+
+
+# -- direct hand-off: the RELEASE script grants the head waiter itself -----------------------
+
+
+async def _conn(backend: RedisBackend) -> Any:
+    """The backend's connection for this loop (its process id, scripts and parked waiters)."""
+    return await backend._connection()
+
+
+def _script_name(script: Any) -> str:
+    for name in ("ACQUIRE", "RELEASE", "EXTEND"):
+        if script.script == getattr(_redis_scripts, name):
+            return name.lower()
+    raise AssertionError("unknown script")
+
+
+def record_scripts(
+    monkeypatch: pytest.MonkeyPatch, backend: RedisBackend, log: list[tuple[str, Any]]
+) -> None:
+    """Log every script `backend` runs, with its token and reply."""
+    run = backend._run
+
+    async def logged(script: Any, keys: list[str], args: list[Any], conn: Any) -> Any:
+        result = await run(script, keys, args, conn)
+        log.append((_script_name(script), args[0], result))
+        return result
+
+    monkeypatch.setattr(backend, "_run", logged)
+
+
+async def queued_tokens(raw: Any, backend: RedisBackend, key: str) -> list[str]:
+    return [name.decode() for name in await raw.zrange(backend.redis_keys(key)[1], 0, -1)]
+
+
+async def holders(raw: Any, backend: RedisBackend, key: str) -> dict[str, float]:
+    pairs = await raw.zrange(backend.redis_keys(key)[0], 0, -1, withscores=True)
+    return {name.decode(): score for name, score in pairs}
+
+
+async def server_ms(raw: Any) -> float:
+    seconds, micros = await raw.time()
+    return float(seconds * 1000 + micros // 1000)
+
+
+async def test_hand_off_needs_no_second_acquire_and_the_claim_is_renewed(
+    make_backend: Callable[..., RedisBackend],
+    raw: Any,
+    namespace: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The waiter runs ACQUIRE once (to queue); the holder's RELEASE makes it the holder with a
+    claim lease and tells it the fence; it then renews the claim to a full lease."""
+    holder = make_backend(lease=10, heartbeat=0.1)  # claim: 3 * 0.1 + 0.5 = 0.8 s
+    waiter = make_backend(lease=10, heartbeat=0.1)
+    scripts: list[tuple[str, Any]] = []
+    record_scripts(monkeypatch, waiter, scripts)
+    first = await holder.acquire("k", timeout=None, max_concurrency=1)
+    wait = waiter.acquire("k", timeout=None, max_concurrency=1)
+    async with anyio.create_task_group() as tg:
+        got: list[Any] = []
+
+        async def take() -> None:
+            got.append(await wait)
+
+        tg.start_soon(take)
+        await wait_for(lambda: _eq(queue_length(raw, waiter, "k"), 1), "queued")
+        (token,) = await queued_tokens(raw, waiter, "k")
+        await first.release()
+        granted = await holders(raw, waiter, "k")  # set by the holder's RELEASE itself
+        now = await server_ms(raw)
+        assert list(granted) == [token]
+        assert granted[token] <= now + holder._claim_ms == now + 800  # a claim, not 10 s
+        fence = int(await raw.hget(waiter.redis_keys("k")[3], token))
+    (lease,) = got
+    assert lease.token == fence > first.token
+    acquires = [(tok, result[0]) for name, tok, result in scripts if name == "acquire"]
+    assert acquires == [(token, 0)]  # that one call queued; the grant came by message
+    # The claim is renewed to a full lease well before it ends.
+    await wait_for(lambda: _renewed(raw, waiter, token, 10_000 - waiter._claim_ms), "claim renewed")
+    assert {name for name, _, _ in scripts[1:]} == {"extend"}
+    assert not lease.lost
+    await lease.release()
+    assert await leftovers(raw, namespace) == []
+
+
+async def _renewed(raw: Any, backend: RedisBackend, token: str, beyond_ms: float) -> bool:
+    ends = (await holders(raw, backend, "k")).get(token)
+    return ends is not None and ends - await server_ms(raw) > beyond_ms
+
+
+async def test_lost_hand_off_message_is_found_by_the_fallback(
+    make_backend: Callable[..., RedisBackend],
+    raw: Any,
+    namespace: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The grant message never reaches the waiter: its fallback ACQUIRE finds the key already
+    its own, with the fence of that same grant (not a new one)."""
+    holder = make_backend()
+    waiter = make_backend(heartbeat=0.1)
+    conn = await _conn(waiter)
+    events: list[tuple[str, str]] = []
+
+    def drop(message: str) -> None:
+        events.append(("dropped", message))
+
+    monkeypatch.setattr(conn, "wake", drop)
+    scripts: list[tuple[str, Any]] = []
+    record_scripts(monkeypatch, waiter, scripts)
+    first = await holder.acquire("k", timeout=None, max_concurrency=1)
+    async with anyio.create_task_group() as tg:
+        got: list[Any] = []
+
+        async def take() -> None:
+            got.append(await waiter.acquire("k", timeout=None, max_concurrency=1))
+            events.append(("granted", str(got[0].token)))
+
+        tg.start_soon(take)
+        await wait_for(lambda: _eq(queue_length(raw, waiter, "k"), 1), "queued")
+        (token,) = await queued_tokens(raw, waiter, "k")
+        await first.release()
+    (lease,) = got
+    fence = str(lease.token)
+    assert events == [("dropped", f"{token} {fence} {holder._claim_ms}"), ("granted", fence)]
+    assert scripts[0][2][0] == 0  # queued
+    assert scripts[-1] == ("acquire", token, (1, lease.token, 0))  # "already ours"
+    assert not lease.lost
+    await lease.release()
+    assert await leftovers(raw, namespace) == []
+
+
+async def test_hand_off_to_a_waiter_cancelled_at_that_moment_is_passed_on(
+    make_backend: Callable[..., RedisBackend],
+    raw: Any,
+    namespace: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The waiter is cancelled just as its grant arrives: its give-up RELEASE frees the grant
+    (reply 1) and hands the key to the next waiter, in another process."""
+    holder, middle, last = make_backend(), make_backend(), make_backend()
+    conn = await _conn(middle)
+    scripts: list[tuple[str, Any]] = []
+    record_scripts(monkeypatch, middle, scripts)
+    events: list[str] = []
+    handed: list[int] = []
+    scope = anyio.CancelScope()
+    wake = conn.wake
+
+    def cancel_then_wake(message: str) -> None:
+        events.append("grant arrives; cancelled")
+        handed.append(int(message.split()[1]))
+        scope.cancel()
+        wake(message)
+
+    monkeypatch.setattr(conn, "wake", cancel_then_wake)
+    first = await holder.acquire("k", timeout=None, max_concurrency=1)
+    async with anyio.create_task_group() as tg:
+
+        async def cancelled() -> None:
+            with scope:
+                await middle.acquire("k", timeout=None, max_concurrency=1)
+                events.append("middle entered")
+            events.append("middle gone")
+
+        async def next_in_line() -> None:
+            lease = await last.acquire("k", timeout=None, max_concurrency=1)
+            events.append("last entered")
+            tokens.append(lease.token)
+            await lease.release()
+
+        tokens: list[int] = []
+        tg.start_soon(cancelled)
+        await wait_for(lambda: _eq(queue_length(raw, middle, "k"), 1), "middle queued")
+        (middle_token,) = await queued_tokens(raw, middle, "k")
+        tg.start_soon(next_in_line)
+        await wait_for(lambda: _eq(queue_length(raw, middle, "k"), 2), "last queued")
+        await first.release()
+    # (The last waiter's message may be read before the middle's RELEASE reply.)
+    assert events[0] == "grant arrives; cancelled"
+    assert sorted(events[1:]) == ["last entered", "middle gone"]
+    assert [name for name, _, _ in scripts] == ["acquire", "release"]
+    assert scripts[-1] == ("release", middle_token, 1)  # it released the grant it was handed
+    assert first.token < handed[0] < tokens[0]
+    assert await leftovers(raw, namespace) == []
+
+
+async def test_hand_off_racing_a_waiter_timeout_is_passed_on(
+    make_backend: Callable[..., RedisBackend],
+    raw: Any,
+    namespace: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The waiter times out, and the key is handed to it just before its give-up RELEASE runs:
+    that RELEASE frees the grant and the next waiter gets the key."""
+    holder, middle, last = make_backend(), make_backend(), make_backend()
+    events: list[str] = []
+    run = middle._run
+    first = await holder.acquire("k", timeout=None, max_concurrency=1)
+
+    async def hand_off_first(script: Any, keys: list[str], args: list[Any], conn: Any) -> Any:
+        if _script_name(script) == "release":  # the timed-out waiter gives up
+            await first.release()
+            events.append(f"handed to middle: {list(await holders(raw, middle, 'k'))}")
+            result = await run(script, keys, args, conn)
+            events.append(f"middle gave up: {result}")
+            return result
+        return await run(script, keys, args, conn)
+
+    async with anyio.create_task_group() as tg:
+
+        async def next_in_line() -> None:
+            lease = await last.acquire("k", timeout=None, max_concurrency=1)
+            events.append("last entered")
+            await lease.release()
+
+        async def times_out() -> None:
+            with pytest.raises(LockTimeout):
+                await middle.acquire("k", timeout=0.3, max_concurrency=1)
+            events.append("middle timed out")
+
+        monkeypatch.setattr(middle, "_run", hand_off_first)
+        tg.start_soon(times_out)
+        await wait_for(lambda: _eq(queue_length(raw, middle, "k"), 1), "middle queued")
+        (middle_token,) = await queued_tokens(raw, middle, "k")
+        tg.start_soon(next_in_line)
+        await wait_for(lambda: _eq(queue_length(raw, middle, "k"), 2), "last queued")
+    assert events[0] == f"handed to middle: {[middle_token]}"
+    # (The last waiter's message may be read before the middle's RELEASE reply.)
+    assert sorted(events[1:]) == ["last entered", "middle gave up: 1", "middle timed out"]
+    assert events.index("middle gave up: 1") < events.index("middle timed out")
+    assert await leftovers(raw, namespace) == []
+
+
+async def test_hand_off_to_a_dead_waiter_ends_with_its_claim(
+    make_backend: Callable[..., RedisBackend], raw: Any, namespace: str
+) -> None:
+    """A waiter queued and then its process died (nobody reads its channel, nobody asks
+    again): the key is handed to it with a claim lease, not a full lease, and the next waiter
+    gets the key when that claim ends, with a larger fence."""
+    holder = make_backend(lease=10, heartbeat=0.1)
+    survivor = make_backend(lease=10, heartbeat=0.1)
+    conn = await _conn(holder)
+    keys = holder.redis_keys("k")
+    first = await holder.acquire("k", timeout=None, max_concurrency=1)
+    dead = "deadprocess00000|1"
+    # It had just proved itself alive (for a minute): only the claim can end its hold.
+    args = [dead, 10_000, 60_000, 3_600_000, conn.channel_prefix, 1, "1", holder._claim_ms]
+    assert (await holder._run(conn.acquire, keys, args, conn))[0] == 0  # queued
+    async with anyio.create_task_group() as tg:
+        got: list[tuple[Any, float]] = []
+
+        async def next_in_line() -> None:
+            lease = await survivor.acquire("k", timeout=None, max_concurrency=1)
+            got.append((lease, await server_ms(raw)))
+
+        tg.start_soon(next_in_line)
+        await wait_for(lambda: _eq(queue_length(raw, holder, "k"), 2), "survivor queued")
+        await first.release()
+        claimed = await holders(raw, holder, "k")
+        released_by = await server_ms(raw)
+        dead_fence = int(await raw.hget(keys[3], dead))
+    assert list(claimed) == [dead]
+    assert claimed[dead] <= released_by + holder._claim_ms  # a claim (0.8 s), not 10 s
+    ((lease, entered_at),) = got
+    assert entered_at >= claimed[dead]  # never while the claim stood
+    assert lease.token > dead_fence > first.token
+    assert dead not in await holders(raw, holder, "k")
+    await lease.release()
+    assert await leftovers(raw, namespace) == []

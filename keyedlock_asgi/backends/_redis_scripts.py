@@ -8,9 +8,14 @@ live in one Cluster slot), and every one of them expires:
 - `:w`  ZSET  waiter token -> liveness deadline (ms, server clock); refreshed by each retry.
 - `:m`  HASH  `fence` (last fencing token), `seq` (last ticket), and each holder's own fence.
 
-Tokens are `"<process id>|<n>"`; a script wakes a waiter by publishing its token on the channel
-`<channel prefix><process id>`, which only that process listens to. Time always comes from the
-server (`TIME`), never from the clients, whose clocks may disagree.
+Hand-off is direct: when a slot frees (RELEASE, or any script that prunes an ended lease), the
+script itself makes the live waiter at the head of the queue a holder, with a short *claim*
+lease, and publishes `"<token> <fence> <claim ms>"` on the channel `<channel prefix><process id>`,
+which only that waiter's process listens to (tokens are `"<process id>|<n>"`). The waiter then holds
+the key without another round trip and renews the claim to a full lease. Whatever happens to the
+message, the grant stands: the waiter's next ACQUIRE finds "already ours", its RELEASE (on
+timeout or cancellation) passes the key on, and if its process died the claim simply ends.
+Time always comes from the server (`TIME`), never from the clients, whose clocks may disagree.
 """
 
 from __future__ import annotations
@@ -36,26 +41,58 @@ local function prune()
   end
 end
 
--- Tell the first `count` waiters (each in its own process) that a slot may be free.
-local function wake(prefix, count)
-  if count <= 0 then return end
-  local heads = redis.call('ZRANGE', queue, 0, count - 1)
-  for _, head in ipairs(heads) do
-    local proc = string.match(head, '^([^|]+)|')
-    if proc then redis.call('PUBLISH', prefix .. proc, head) end
-  end
-end
-
 -- The holders' key lives as long as its longest lease.
 local function keep(ms)
   if redis.call('PTTL', own) < ms then redis.call('PEXPIRE', own, ms) end
+end
+
+-- Make `token` a holder until `now + ms`, with the next fencing token. Strictly increasing, and
+-- never below the server time in microseconds: the fence keeps rising even if Redis lost this
+-- key (restart without persistence, expiry).
+local function grant(token, ms, meta_ttl)
+  redis.call('ZADD', own, now + ms, token)
+  redis.call('ZREM', queue, token)
+  redis.call('ZREM', alive, token)
+  local last = tonumber(redis.call('HGET', meta, 'fence') or '0')
+  local floor = tonumber(clock[1]) * 1000000 + tonumber(clock[2])
+  local fence = string.format('%.0f', math.max(last + 1, floor))
+  redis.call('HSET', meta, 'fence', fence, token, fence)
+  redis.call('PEXPIRE', meta, meta_ttl)
+  keep(ms)
+  return fence
+end
+
+-- Direct hand-off: give every free slot to the live waiter at the head of the queue, with a
+-- short claim lease (the waiter renews it to a full lease), and tell that waiter's process
+-- ("<token> <fence> <claim ms>" on its channel) so that it holds the key without asking again.
+-- A waiter whose process died holds it only until the claim ends; a lost message is found by the
+-- waiter's next ACQUIRE ("already ours"). `quiet` (the caller of the script) is not told.
+local function hand_on(slots, claim, meta_ttl, prefix, quiet)
+  local free = slots - redis.call('ZCARD', own)
+  while free > 0 do
+    local head = redis.call('ZRANGE', queue, 0, 0)[1]
+    if not head then return end
+    local until_ms = tonumber(redis.call('ZSCORE', alive, head) or '0')
+    if until_ms <= now then
+      redis.call('ZREM', queue, head)
+      redis.call('ZREM', alive, head)
+    else
+      local fence = grant(head, claim, meta_ttl)
+      free = free - 1
+      local proc = string.match(head, '^([^|]+)|')
+      if proc and head ~= quiet then
+        redis.call('PUBLISH', prefix .. proc, head .. ' ' .. fence .. ' ' .. claim)
+      end
+    end
+  end
 end
 """
 
 ACQUIRE = (
     _PRELUDE
     + """
--- ARGV: token, lease ms, waiter ttl ms, meta ttl ms, channel prefix, max holders, may wait
+-- ARGV: token, lease ms, waiter ttl ms, meta ttl ms, channel prefix, max holders, may wait,
+-- claim ms
 local token = ARGV[1]
 local lease = tonumber(ARGV[2])
 local waiter_ttl = tonumber(ARGV[3])
@@ -63,35 +100,21 @@ local meta_ttl = tonumber(ARGV[4])
 local prefix = ARGV[5]
 local slots = tonumber(ARGV[6])
 local may_wait = ARGV[7] == '1'
+local claim = tonumber(ARGV[8])
 prune()
+hand_on(slots, claim, meta_ttl, prefix, token)
 
--- Already ours (a retried call whose first reply was lost): same grant, same fence.
+-- Already ours (handed on to us, or a retried call whose first reply was lost): same grant,
+-- same fence, now with a full lease.
 if redis.call('ZSCORE', own, token) then
   redis.call('ZADD', own, now + lease, token)
   keep(lease)
   return {1, redis.call('HGET', meta, token) or '0', 0}
 end
 
-local free = slots - redis.call('ZCARD', own)
-if free > 0 then
-  local rank = redis.call('ZRANK', queue, token)
-  if not rank then rank = redis.call('ZCARD', queue) end
-  if rank < free then
-    redis.call('ZADD', own, now + lease, token)
-    redis.call('ZREM', queue, token)
-    redis.call('ZREM', alive, token)
-    -- Strictly increasing, and never below the server time in microseconds: the fence keeps
-    -- rising even if Redis lost this key (restart without persistence, expiry).
-    local last = tonumber(redis.call('HGET', meta, 'fence') or '0')
-    local floor = tonumber(clock[1]) * 1000000 + tonumber(clock[2])
-    local fence = string.format('%.0f', math.max(last + 1, floor))
-    redis.call('HSET', meta, 'fence', fence, token, fence)
-    redis.call('PEXPIRE', meta, meta_ttl)
-    keep(lease)
-    wake(prefix, free - 1)
-    return {1, fence, 0}
-  end
-  wake(prefix, free)
+-- After hand_on a free slot means an empty queue: nobody to overtake.
+if redis.call('ZCARD', own) < slots then
+  return {1, grant(token, lease, meta_ttl), 0}
 end
 
 if may_wait then
@@ -104,7 +127,7 @@ if may_wait then
   redis.call('PEXPIRE', alive, 2 * waiter_ttl)
 end
 
--- How long until the first lease ends (-1: no holder, a free slot is being handed on).
+-- How long until the first lease ends.
 local first = redis.call('ZRANGE', own, 0, 0, 'WITHSCORES')
 local left = -1
 if first[2] then left = tonumber(first[2]) - now end
@@ -115,7 +138,8 @@ return {0, '0', left}
 RELEASE = (
     _PRELUDE
     + """
--- ARGV: token, channel prefix, max holders. Also how a waiter that gives up leaves the queue.
+-- ARGV: token, channel prefix, max holders, claim ms, meta ttl ms. Also how a waiter that gives
+-- up leaves the queue, and how one that was handed the key (maybe unknowingly) passes it on.
 local token = ARGV[1]
 local released = redis.call('ZREM', own, token)
 if released == 1 then
@@ -125,7 +149,7 @@ else
   redis.call('ZREM', alive, token)
 end
 prune()
-wake(ARGV[2], tonumber(ARGV[3]) - redis.call('ZCARD', own))
+hand_on(tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5]), ARGV[2], '')
 return released
 """
 )

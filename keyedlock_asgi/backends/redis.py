@@ -5,12 +5,18 @@ How one grant works (see `_redis_scripts` for the atomic steps):
   callers per key to Redis.
 - ACQUIRE either grants the key (a leased holder entry plus a fencing token) or puts the caller
   in a FIFO queue in Redis. The caller then parks on a future that the process's single pub/sub
-  reader resolves when a script publishes the caller's token (targeted wake-up), or a fallback
-  timer fires: min(the first lease's remaining time, `heartbeat`). Then it calls ACQUIRE again,
-  which also proves it is alive. No polling loop, no lost wake-up: the future is registered
-  before each call.
-- A holder's lease is renewed every `lease / 3` while it holds, up to `max_hold`.
-- RELEASE (also used to leave the queue) removes the token and wakes the next waiter; it runs
+  reader resolves, or a fallback timer fires: min(the first lease's remaining time, `heartbeat`,
+  half the claim lease). Then it calls ACQUIRE again, which also proves it is alive. No polling
+  loop, no lost wake-up: the future is registered before each call.
+- Direct hand-off: RELEASE (and any script that finds an ended lease) makes the head waiter a
+  holder itself, with a short claim lease, and publishes `"<token> <fence> <claim ms>"` to that
+  waiter's process. The parked waiter holds the key as soon as the message arrives, with no
+  second round trip, and renews the claim to a full lease. A lost message is found by the
+  fallback ACQUIRE ("already ours"); a waiter cancelled or timed out meanwhile passes the grant
+  on with RELEASE; a waiter whose process died holds it until the claim ends.
+- A holder's lease is renewed every `lease / 3` while it holds, up to `max_hold` (a claim is
+  renewed within a third of its length).
+- RELEASE (also used to leave the queue) removes the token and hands the key on; it runs
   shielded from cancellation.
 - A circuit breaker turns a dead Redis into fast `BackendUnavailable` errors with `retry_after`.
 
@@ -165,24 +171,34 @@ class _Connection:
         self.pubsub: Any = None
         self.reader: asyncio.Task[None] | None = None
         self.ready: asyncio.Future[None] | None = None
-        self.waiters: dict[str, asyncio.Future[None]] = {}
+        # Parked waiters by token; resolved with a hand-off's (fence, claim ms), or _ASK_AGAIN.
+        self.waiters: dict[str, asyncio.Future[tuple[int, int]]] = {}
         self.leases: set[RedisLease] = set()
         self.counter = itertools.count(1)
 
-    def wake(self, token: str) -> None:
+    def wake(self, message: str) -> None:
+        """A script's message: `"<token> <fence> <claim ms>"` (handed the key), or anything
+        else naming a token (ask Redis again)."""
+        token, *grant = message.split(" ")
         future = self.waiters.get(token)
         if future is not None and not future.done():
-            future.set_result(None)
+            if len(grant) == 2 and grant[0].isdigit() and grant[1].isdigit():
+                future.set_result((int(grant[0]), int(grant[1])))
+            else:
+                future.set_result(_ASK_AGAIN)
 
     def wake_all(self) -> None:
         for future in self.waiters.values():
             if not future.done():
-                future.set_result(None)
+                future.set_result(_ASK_AGAIN)
 
 
-def _resolve(future: asyncio.Future[None]) -> None:
+_ASK_AGAIN = (0, 0)
+
+
+def _resolve(future: asyncio.Future[tuple[int, int]]) -> None:
     if not future.done():
-        future.set_result(None)
+        future.set_result(_ASK_AGAIN)
 
 
 class RedisLease:
@@ -214,6 +230,7 @@ class RedisLease:
         fence: int,
         slots: int,
         sent_at: float,
+        valid_for: float,
     ) -> None:
         self._backend = backend
         self._conn = conn
@@ -224,14 +241,16 @@ class RedisLease:
         """The fencing token: strictly increasing per key across every grant."""
         self._slots = slots
         self._granted_at = sent_at
-        self._valid_until = sent_at + backend.lease
+        # The earliest the lease can end: it began after `sent_at` (for a hand-off, after the
+        # waiter's last ACQUIRE was sent), for `valid_for` seconds (a full lease or a claim).
+        self._valid_until = sent_at + valid_for
         self.lost = False
         """Whether the lease ended while the hold was open (see `LeaseLost`)."""
         self.released = False
         self._task: asyncio.Task[None] | None = None
-        self._renewal: asyncio.TimerHandle | None = conn.loop.call_later(
-            backend._renew_every, self._renew_due
-        )
+        # First renewal within a third of what is surely left (a claim: well before it ends).
+        first = min(backend._renew_every, max(self._valid_until - monotonic(), 0.0) / 3)
+        self._renewal: asyncio.TimerHandle | None = conn.loop.call_later(first, self._renew_due)
         conn.leases.add(self)
 
     def __repr__(self) -> str:
@@ -251,7 +270,7 @@ class RedisLease:
                 await backend._run(
                     self._conn.release,
                     self._keys,
-                    [self._token_str, self._conn.channel_prefix, self._slots],
+                    backend._release_args(self._token_str, self._conn, self._slots),
                     self._conn,
                 )
         except BackendUnavailable:
@@ -385,6 +404,10 @@ class RedisBackend:
         self._renew_every = self.lease / 3
         self._lease_ms = int(self.lease * 1000)
         self._waiter_ttl_ms = int(3 * self.heartbeat * 1000) + 500
+        # A waiter handed the key holds it at first for this long: no longer than a dead
+        # waiter would have blocked the queue, nor than a lease.
+        self._claim_ms = min(self._lease_ms, self._waiter_ttl_ms)
+        self._claim = self._claim_ms / 1000
         self._meta_ttl_ms = int(key_ttl * 1000)
         self._breaker = _Breaker(breaker_threshold, breaker_cooldown)
         self._conns: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Connection] = (
@@ -471,8 +494,10 @@ class RedisBackend:
             conn.channel_prefix,
             max_concurrency,
             may_wait,
+            self._claim_ms,
         ]
         waiters = conn.waiters
+        valid_for = self.lease
         try:
             while True:
                 future = loop.create_future()
@@ -483,7 +508,8 @@ class RedisBackend:
                     break
                 if may_wait == "0":
                     raise LockBusy("the key is held in another process")
-                pause = self.heartbeat
+                # Wake up before a claim handed to us could end unnoticed (lost message).
+                pause = min(self.heartbeat, self._claim / 2)
                 if left_ms >= 0:
                     pause = min(pause, left_ms / 1000 + 0.005)
                 if deadline is not None:
@@ -493,15 +519,20 @@ class RedisBackend:
                     pause = min(pause, left)
                 timer = loop.call_later(pause, _resolve, future)
                 try:
-                    await future
+                    fence, claim_ms = await future
                 finally:
                     timer.cancel()
+                if fence:  # handed the key by a RELEASE: a claim, begun after `sent_at`
+                    valid_for = claim_ms / 1000
+                    break
         except BaseException:
             waiters.pop(token, None)
             await self._give_up(conn, keys, token, max_concurrency)
             raise
         waiters.pop(token, None)
-        return RedisLease(self, conn, key, keys, token, int(fence), max_concurrency, sent_at)
+        return RedisLease(
+            self, conn, key, keys, token, int(fence), max_concurrency, sent_at, valid_for
+        )
 
     async def aclose(self) -> None:
         """Release this event loop's open leases, stop its reader, close its connections."""
@@ -641,16 +672,21 @@ class RedisBackend:
             f"the lock service is unavailable ({type(exc).__name__})", self._breaker.retry_after()
         )
 
+    def _release_args(self, token: str, conn: _Connection, slots: int) -> list[Any]:
+        return [token, conn.channel_prefix, slots, self._claim_ms, self._meta_ttl_ms]
+
     async def _give_up(self, conn: _Connection, keys: list[str], token: str, slots: int) -> None:
-        """Leave the queue (or release a grant whose reply was lost), shielded, best effort.
+        """Leave the queue, or pass on a grant this caller will not use (a reply that was lost,
+        a hand-off that came as it timed out or was cancelled); shielded, best effort.
 
         If Redis cannot be reached, whatever this caller left there expires on its own: a
-        queue entry within `3 * heartbeat`, a grant within `lease`.
+        queue entry within `3 * heartbeat + 0.5` s, a hand-off within its claim, a grant
+        within `lease`.
         """
         if self._breaker.is_open():
             return
         with anyio.CancelScope(shield=True):
             try:
-                await self._run(conn.release, keys, [token, conn.channel_prefix, slots], conn)
+                await self._run(conn.release, keys, self._release_args(token, conn, slots), conn)
             except BackendUnavailable:
                 logger.warning("could not leave the Redis queue; the entry expires by itself")

@@ -81,7 +81,12 @@ async def hold_forever(request: Request) -> Response:
 @contextlib.asynccontextmanager
 async def lifespan(app: Starlette) -> AsyncIterator[None]:
     global log
-    log = aioredis.Redis.from_url(os.environ.get("KL_LOG_URL", "redis://127.0.0.1:6379/0"))
+    # Blocking pool: hundreds of concurrent requests per worker wait for a log connection
+    # instead of failing with "Too many connections" (the plain pool's limit is 100).
+    pool = aioredis.BlockingConnectionPool.from_url(
+        os.environ.get("KL_LOG_URL", "redis://127.0.0.1:6379/0"), max_connections=100, timeout=60
+    )
+    log = aioredis.Redis.from_pool(pool)  # closes the pool with the client
     yield
     await lock.aclose()
     await log.aclose()
