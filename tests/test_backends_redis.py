@@ -272,7 +272,9 @@ async def test_max_hold_ends_the_lease_and_reports_it(
         lost.append(event)
         got_lost.set()
 
-    holder = KeyedLock(backend=make_backend(lease=0.3, max_hold=0.6, on_lease_lost=on_lost))
+    # The lease leaves renewals 2/3 of it in slack: on a loaded machine a shorter one can really
+    # expire between two late renewals, which is reported as "expired", not "max_hold".
+    holder = KeyedLock(backend=make_backend(lease=1.0, max_hold=1.5, on_lease_lost=on_lost))
     waiter = KeyedLock(backend=make_backend(lease=5))
     log: list[tuple[str, int]] = []
 
@@ -291,7 +293,7 @@ async def test_max_hold_ends_the_lease_and_reports_it(
     assert len(lost) == 1
     assert lost[0].reason == "max_hold"
     assert lost[0].token == log[0][1]
-    assert lost[0].held_for >= 0.6
+    assert lost[0].held_for >= 1.5
     assert await leftovers(raw, namespace) == []
 
 
