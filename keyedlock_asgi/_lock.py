@@ -76,7 +76,6 @@ except ImportError:  # pragma: no cover - depends on the Python version
     except ImportError:
         _task_of_loop = asyncio.current_task
 _running_loop = asyncio._get_running_loop
-_new_held = _new_waiter = object.__new__
 
 # (timeout, max_waiting, on_error) of one hold
 _Options = tuple[Union[float, None], Union[int, None], OnError]  # noqa: UP007
@@ -235,12 +234,11 @@ class Held:
     _tokens: list[int]  # several keys: each one's token
     _waited: float
     _leases: list[BackendLease | None]  # with a backend: the engine's holds
-
-    def __init__(self, lock: KeyedLock, key: str | tuple[str, ...], options: _Options) -> None:
-        # Only what every hold needs: the rest is set when granted (the hot path is lean).
-        self._lock = lock
-        self._key = key  # prefixed; several keys: a sorted tuple without duplicates
-        self._options = options
+    # Set by `KeyedLock.hold` (no `__init__`: `Held()` is the cheapest way to make an object);
+    # the rest is set when granted.
+    _lock: KeyedLock
+    _key: str | tuple[str, ...]  # prefixed; several keys: a sorted tuple without duplicates
+    _options: _Options
 
     @property
     def token(self) -> int:
@@ -601,20 +599,18 @@ class KeyedLock:
         Several keys are taken in sorted order, all or nothing, so two callers asking for the
         same keys in different orders can never deadlock.
         """
+        held = Held()
+        held._lock = self
         if more_keys or type(key) is not str:
-            return Held(
-                self, self._key_set(key, more_keys), self._options(timeout, max_waiting, on_error)
-            )
-        if self._key_prefix:
-            key = self._key_prefix + key
-        if timeout is UNSET and max_waiting is UNSET and on_error is UNSET:
-            # The hot path: skip Held.__init__'s frame.
-            held = _new_held(Held)
-            held._lock = self
-            held._key = key
-            held._options = self._defaults
+            held._key = self._key_set(key, more_keys)
+            held._options = self._options(timeout, max_waiting, on_error)
             return held
-        return Held(self, key, self._options(timeout, max_waiting, on_error))
+        held._key = self._key_prefix + key if self._key_prefix else key
+        if timeout is UNSET and max_waiting is UNSET and on_error is UNSET:
+            held._options = self._defaults  # the hot path: nothing to check
+        else:
+            held._options = self._options(timeout, max_waiting, on_error)
+        return held
 
     def _take_now(self, key: str, options: _Options) -> Held | None:
         """`hold(key)` already entered, when nobody holds or waits for `key` on this loop and
@@ -630,7 +626,7 @@ class KeyedLock:
         table = state.keys
         if key in table:
             return None
-        held = _new_held(Held)
+        held = Held()
         held._lock = self
         held._key = key
         held._options = options
@@ -929,7 +925,7 @@ class KeyedLock:
         timeout: float | None,
     ) -> None:
         """`_wait` on trio: the waiter parks on a `trio.Event` and carries its outcome."""
-        waiter = _new_waiter(_Waiter)  # skip __init__'s frame
+        waiter = _Waiter()
         waiter.task = task
         waiter.signal = signal = state.event_class()
         waiter.granted = False
