@@ -110,8 +110,6 @@ class KeyedLockMiddleware:
         self.app = app
         self.key = key
         self._extract = _direct_callable(key)
-        # keys.header() itself (not a subclass): __call__ scans the headers inline.
-        self._header: bytes | None = key._name if type(key) is _keys._Header else None
         self.lock = lock
         self.methods = None if methods is None else frozenset(m.upper() for m in methods)
         self.timeout = timeout
@@ -138,6 +136,12 @@ class KeyedLockMiddleware:
         self._routes = routes if routes.active else None
         self._filtered = self.methods is not None or self._routes is not None
         self._reject_missing = on_missing_key == "reject"
+        # keys.header() itself (not a subclass) in the default setup: __call__ scans inline.
+        self._header: bytes | None = (
+            key._name
+            if type(key) is _keys._Header and not self._filtered and not self._reject_missing
+            else None
+        )
         # What servers inspect (`app.__call__`) is a true coroutine function on every Python;
         # calling the instance still runs the class's plain `__call__` (special method lookup
         # skips the instance dict).
@@ -152,31 +156,38 @@ class KeyedLockMiddleware:
         app's own, with no coroutine of ours in between. Anything raised here is raised when
         the result is awaited, as from an `async def`."""
         try:
-            if scope["type"] != "http" or (self._filtered and not self._covers(scope)):
-                app = self.app
-                return app(scope, receive, send)
-            header = self._header
-            if header is not None:
-                # keys.header(), read here rather than called: the scan every request pays.
+            if scope["type"] == "http":
+                header = self._header
+                if header is None:
+                    return self._dispatch(scope, receive, send)
+                # keys.header(), no filter, missing key passes: the scan every request pays,
+                # done here rather than through the extractor.
                 for field, value in scope["headers"]:
                     if field == header:
                         key = value.decode("latin-1")
                         if key:
                             return self._serve(key, scope, receive, send)
                         break
-            else:
-                extract = self._extract
-                found = extract(scope)
-                if type(found) is str and found:
-                    return self._serve(found, scope, receive, send)
-                if found is not None and found != "":
-                    return self._settle_then_serve(found, scope, receive, send)
-            if self._reject_missing:
-                return self._reject(scope, receive, send, MISSING_KEY)
             app = self.app  # an attribute read, not a method lookup that fails first
             return app(scope, receive, send)
         except BaseException as exc:
             return _raise(exc)
+
+    def _dispatch(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
+        """`__call__` for an HTTP request in every other configuration."""
+        if self._filtered and not self._covers(scope):
+            app = self.app
+            return app(scope, receive, send)
+        extract = self._extract
+        found = extract(scope)
+        if type(found) is str and found:
+            return self._serve(found, scope, receive, send)
+        if found is not None and found != "":
+            return self._settle_then_serve(found, scope, receive, send)
+        if self._reject_missing:
+            return self._reject(scope, receive, send, MISSING_KEY)
+        app = self.app
+        return app(scope, receive, send)
 
     __call__ = _mark_coroutine_function(__call__)
 
