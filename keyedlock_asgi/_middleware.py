@@ -233,6 +233,7 @@ class KeyedLockMiddleware:
             await self._enter_then_run(key, scope, receive, send)
         elif self._plain:
             # The fast path, inline: the key was free, no hook, no header to add.
+            ours = records is None
             if records is None:
                 records = scope[SCOPE_KEY] = [held]
             else:
@@ -240,10 +241,13 @@ class KeyedLockMiddleware:
             try:
                 await app(scope, receive, send)
             except BaseException as exc:
-                records.remove(held)
+                _unrecord(scope, records, held, ours)
                 await held.__aexit__(type(exc), exc, exc.__traceback__)
                 raise
-            records.remove(held)
+            if ours:  # a list made for this request is dropped, not left behind empty
+                del scope[SCOPE_KEY]
+            else:
+                records.remove(held)
             held._exit_now()
         else:
             await self._run(held, scope, receive, send)
@@ -267,6 +271,7 @@ class KeyedLockMiddleware:
     async def _run(self, held: Held, scope: Scope, receive: Receive, send: Send) -> None:
         """Call the app holding the key; release when it returns (or raises)."""
         held_list: list[Held] | None = scope.get(SCOPE_KEY)
+        ours = held_list is None
         if held_list is None:
             held_list = scope[SCOPE_KEY] = []
         held_list.append(held)
@@ -290,6 +295,8 @@ class KeyedLockMiddleware:
                 await held.__aexit__(type(error), error, error.__traceback__)
             if hooks.on_released is not None:
                 await hooks.released(scope, held, perf_counter() - started)
+            if ours:  # as on the fast path: a list made for this request does not outlive it
+                scope.pop(SCOPE_KEY, None)
 
     async def _wait_then_run(self, held: Held, scope: Scope, receive: Receive, send: Send) -> None:
         """Queue for the key while a watcher reads `receive()`; run the app once granted."""
@@ -388,6 +395,14 @@ class _Watcher:
             return await receive()
 
         return replay
+
+
+def _unrecord(scope: Scope, records: list[Held], held: Held, ours: bool) -> None:
+    """Take `held` out of `scope["keyedlock"]`, dropping the entry if this layer made it."""
+    if ours:
+        del scope[SCOPE_KEY]
+    else:
+        records.remove(held)
 
 
 def _held_by_outer_layer(records: list[Held], lock: KeyedLock, key: str) -> bool:

@@ -181,3 +181,37 @@ async def test_header_fast_path_reads_like_keys_header() -> None:
     expected = [extractor(scope) for scope in cases]
     assert held == [(key,) if key else () for key in expected]
     assert held == [("first",), (), ("caf\xe9",), ()]
+
+
+# -- scope["keyedlock"] after the request -----------------------------------------------------
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("fails", [False, True])
+@pytest.mark.parametrize("options", [{}, {"server_timing": True}], ids=["fast", "general"])
+async def test_scope_entry_made_for_the_request_is_dropped_an_outer_one_kept(
+    fails: bool, options: dict[str, Any]
+) -> None:
+    lock = KeyedLock()
+    seen: list[list[Any]] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        seen.append(list(scope["keyedlock"]))
+        if fails:
+            raise RuntimeError("app failed")
+        await ok_app(scope, receive, send)
+
+    middleware = KeyedLockMiddleware(app, key=keys.header("x-key"), lock=lock, **options)
+    fresh = http_scope((b"x-key", b"alice"))
+    outer_list: list[Any] = []
+    nested = {**http_scope((b"x-key", b"bob")), "keyedlock": outer_list}
+    for scope in (fresh, nested):
+        try:
+            await middleware(scope, receive, discard)
+        except RuntimeError:
+            assert fails
+    assert [held.keys for [held] in seen] == [("alice",), ("bob",)]
+    assert "keyedlock" not in fresh  # made for this request: gone with the hold
+    assert nested["keyedlock"] is outer_list  # someone else's list: kept, our entry gone
+    assert outer_list == []
+    assert lock.stats().active_keys == 0
