@@ -49,6 +49,7 @@ def asyncio_iscoroutinefunction(function: Any) -> bool:
 
 def test_call_attribute_is_a_coroutine_function_for_inspect_and_asyncio() -> None:
     middleware = KeyedLockMiddleware(ok_app, key=keys.header("x-key"))
+    # How Hypercorn's is_asgi() and most ASGI 2/3 checks read it, on every Python version.
     assert inspect.iscoroutinefunction(middleware.__call__)
     assert asyncio_iscoroutinefunction(middleware.__call__)
     # The class's own `__call__` is marked too, as each Python lets one mark it.
