@@ -4,6 +4,8 @@ The middleware object holds configuration only; per-request state lives in local
 request that has to queue, in a small `_Watcher`. The uncontended path takes the key without
 yielding to the event loop and starts no task; only a request that must wait gets a watcher
 that reads `receive()` (buffering body chunks, spotting a disconnect) while it queues.
+`__call__` itself is a plain function: a request that is not locked gets the wrapped app's own
+awaitable, with no coroutine of ours in between.
 """
 
 from __future__ import annotations
@@ -173,6 +175,8 @@ class KeyedLockMiddleware:
         except BaseException as exc:
             return _raise(exc)
 
+    __call__ = _mark_coroutine_function(__call__)
+
     def _dispatch(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
         """`__call__` for an HTTP request in every other configuration."""
         if self._filtered and not self._covers(scope):
@@ -188,8 +192,6 @@ class KeyedLockMiddleware:
             return self._reject(scope, receive, send, MISSING_KEY)
         app = self.app
         return app(scope, receive, send)
-
-    __call__ = _mark_coroutine_function(__call__)
 
     def _covers(self, scope: Scope) -> bool:
         """Whether `methods`/`include`/`exclude` select this request (noting template params)."""
