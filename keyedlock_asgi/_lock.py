@@ -405,7 +405,10 @@ class Held:
 
         What `__aexit__(None, None, None)` does; the ASGI fast path calls it directly.
         """
-        state = getattr(self, "_state", None)
+        try:
+            state = self._state
+        except AttributeError:  # never entered
+            state = None
         if state is None:
             raise RuntimeError("this hold is not held")
         self._state = None
@@ -620,7 +623,12 @@ class KeyedLock:
         """
         if self._backend is not None:
             return None
-        state, task = self._current()
+        # `_current()` inlined for a task on the asyncio loop seen last (the common case).
+        loop = _running_loop()
+        cached_loop, state = self._cache
+        task = _task_of_loop(loop) if loop is not None else None
+        if task is None or cached_loop is not loop or state is None:
+            state, task = self._current()
         if self._key_prefix:
             key = self._key_prefix + key
         table = state.keys

@@ -4,16 +4,20 @@ The middleware object holds configuration only; per-request state lives in local
 request that has to queue, in a small `_Watcher`. The uncontended path takes the key without
 yielding to the event loop and starts no task; only a request that must wait gets a watcher
 that reads `receive()` (buffering body chunks, spotting a disconnect) while it queues.
+`__call__` itself is a plain function: a request that is not locked gets the wrapped app's own
+awaitable, with no coroutine of ours in between.
 """
 
 from __future__ import annotations
 
+import asyncio
 import inspect
+import sys
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from time import perf_counter
 from types import FunctionType
-from typing import Any, Literal, TypeAlias
+from typing import Any, Literal, NoReturn, TypeAlias, TypeVar
 
 import anyio
 
@@ -42,6 +46,23 @@ DEFAULT_MAX_BUFFERED_BODY = 1024 * 1024
 BusyResponse: TypeAlias = Callable[[Scope, Rejection], "ASGIApp | Awaitable[ASGIApp | None] | None"]
 """`busy_response(scope, rejection)`: an ASGI app (a Starlette `Response` works) that answers the
 rejected request, or None for the default JSON answer."""
+
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _mark_coroutine_function(function: _F) -> _F:
+    """Mark a function that returns an awaitable as a coroutine function, the way each Python
+    lets one: `inspect.markcoroutinefunction` (3.12+), else asyncio's marker (as asgiref does)."""
+    if sys.version_info >= (3, 12):
+        return inspect.markcoroutinefunction(function)
+    function._is_coroutine = asyncio.coroutines._is_coroutine  # type: ignore[attr-defined]
+    return function
+
+
+async def _raise(error: BaseException) -> NoReturn:
+    """Raise `error` when awaited: the plain `__call__` defers what it raised to the await."""
+    raise error
 
 
 class KeyedLockMiddleware:
@@ -117,58 +138,118 @@ class KeyedLockMiddleware:
         self._routes = routes if routes.active else None
         self._filtered = self.methods is not None or self._routes is not None
         self._reject_missing = on_missing_key == "reject"
+        # keys.header() itself (not a subclass) in the default setup: __call__ scans inline.
+        self._header: bytes | None = (
+            key._name
+            if type(key) is _keys._Header and not self._filtered and not self._reject_missing
+            else None
+        )
+        # What servers inspect (`app.__call__`) is a true coroutine function on every Python;
+        # calling the instance still runs the class's plain `__call__` (special method lookup
+        # skips the instance dict).
+        setattr(self, "__call__", self._call_as_coroutine)  # noqa: B010 - see above
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+    async def _call_as_coroutine(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """`self.__call__`, for readers of the attribute: the same request, awaited here."""
+        await type(self).__call__(self, scope, receive, send)
+
+    def __call__(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
+        """A plain `def` that returns the awaitable to run: a request we do not lock gets the
+        app's own, with no coroutine of ours in between. Anything raised here is raised when
+        the result is awaited, as from an `async def`."""
+        try:
+            if scope["type"] == "http":
+                header = self._header
+                if header is None:
+                    return self._dispatch(scope, receive, send)
+                # keys.header(), no filter, missing key passes: the scan every request pays,
+                # done here rather than through the extractor.
+                for field, value in scope["headers"]:
+                    if field == header:
+                        key = value.decode("latin-1")
+                        if key:
+                            return self._serve(key, scope, receive, send)
+                        break
+            app = self.app  # an attribute read, not a method lookup that fails first
+            return app(scope, receive, send)
+        except BaseException as exc:
+            return _raise(exc)
+
+    __call__ = _mark_coroutine_function(__call__)
+
+    def _dispatch(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
+        """`__call__` for an HTTP request in every other configuration."""
+        if self._filtered and not self._covers(scope):
+            app = self.app
+            return app(scope, receive, send)
+        extract = self._extract
+        found = extract(scope)
+        if type(found) is str and found:
+            return self._serve(found, scope, receive, send)
+        if found is not None and found != "":
+            return self._settle_then_serve(found, scope, receive, send)
+        if self._reject_missing:
+            return self._reject(scope, receive, send, MISSING_KEY)
+        app = self.app
+        return app(scope, receive, send)
+
+    def _covers(self, scope: Scope) -> bool:
+        """Whether `methods`/`include`/`exclude` select this request (noting template params)."""
+        if self.methods is not None and scope["method"] not in self.methods:
+            return False
+        if self._routes is not None:
+            params = self._routes.match(scope)
+            if params is None:
+                return False
+            if params:
+                scope[_keys.TEMPLATE_PARAMS] = params
+        return True
+
+    async def _settle_then_serve(
+        self, pending: _keys.KeyResult, scope: Scope, receive: Receive, send: Send
+    ) -> None:
+        """An async extractor (or a `str` subclass): settle the key, then serve as usual."""
+        key = await _keys._settle_any(pending)
+        if key:
+            await self._serve(key, scope, receive, send)
+        elif self._reject_missing:
+            await self._reject(scope, receive, send, MISSING_KEY)
+        else:
             await self.app(scope, receive, send)
-            return
-        if self._filtered:
-            if self.methods is not None and scope["method"] not in self.methods:
-                await self.app(scope, receive, send)
-                return
-            if self._routes is not None:
-                params = self._routes.match(scope)
-                if params is None:
-                    await self.app(scope, receive, send)
-                    return
-                if params:
-                    scope[_keys.TEMPLATE_PARAMS] = params
-        key = self._extract(scope)
-        if type(key) is not str or not key:
-            if key is not None and key != "":
-                key = await _keys._settle_any(key)
-            if not key:
-                if self._reject_missing:
-                    await self._reject(scope, receive, send, MISSING_KEY)
-                else:
-                    await self.app(scope, receive, send)
-                return
+
+    async def _serve(self, key: str, scope: Scope, receive: Receive, send: Send) -> None:
+        """A request with a key: hold it while the app runs."""
         if (len(key) > self.max_key_length or not key.isprintable()) and not _keys._key_is_valid(
             key, self.max_key_length
         ):
             await self._reject(scope, receive, send, INVALID_KEY)
             return
+        app = self.app
         lock = self.lock
         records: list[Held] | None = scope.get(SCOPE_KEY)
-        if records and any(held.lock is lock and key in held.keys for held in records):
-            await self.app(scope, receive, send)  # an outer layer holds it for this request
+        if records and _held_by_outer_layer(records, lock, key):
+            await app(scope, receive, send)
             return
         held = lock._take_now(key, self._options)
         if held is None:  # held or queued for, re-entered, or a backend: the general path
             await self._enter_then_run(key, scope, receive, send)
         elif self._plain:
             # The fast path, inline: the key was free, no hook, no header to add.
+            ours = records is None
             if records is None:
                 records = scope[SCOPE_KEY] = [held]
             else:
                 records.append(held)
             try:
-                await self.app(scope, receive, send)
+                await app(scope, receive, send)
             except BaseException as exc:
-                records.remove(held)
+                _unrecord(scope, records, held, ours)
                 await held.__aexit__(type(exc), exc, exc.__traceback__)
                 raise
-            records.remove(held)
+            if ours:  # a list made for this request is dropped, not left behind empty
+                del scope[SCOPE_KEY]
+            else:
+                records.remove(held)
             held._exit_now()
         else:
             await self._run(held, scope, receive, send)
@@ -192,6 +273,7 @@ class KeyedLockMiddleware:
     async def _run(self, held: Held, scope: Scope, receive: Receive, send: Send) -> None:
         """Call the app holding the key; release when it returns (or raises)."""
         held_list: list[Held] | None = scope.get(SCOPE_KEY)
+        ours = held_list is None
         if held_list is None:
             held_list = scope[SCOPE_KEY] = []
         held_list.append(held)
@@ -215,6 +297,8 @@ class KeyedLockMiddleware:
                 await held.__aexit__(type(error), error, error.__traceback__)
             if hooks.on_released is not None:
                 await hooks.released(scope, held, perf_counter() - started)
+            if ours:  # as on the fast path: a list made for this request does not outlive it
+                scope.pop(SCOPE_KEY, None)
 
     async def _wait_then_run(self, held: Held, scope: Scope, receive: Receive, send: Send) -> None:
         """Queue for the key while a watcher reads `receive()`; run the app once granted."""
@@ -313,6 +397,19 @@ class _Watcher:
             return await receive()
 
         return replay
+
+
+def _unrecord(scope: Scope, records: list[Held], held: Held, ours: bool) -> None:
+    """Take `held` out of `scope["keyedlock"]`, dropping the entry if this layer made it."""
+    if ours:
+        del scope[SCOPE_KEY]
+    else:
+        records.remove(held)
+
+
+def _held_by_outer_layer(records: list[Held], lock: KeyedLock, key: str) -> bool:
+    """Whether a layer further out already holds `key` of `lock` for this request."""
+    return any(held.lock is lock and key in held.keys for held in records)
 
 
 def _with_server_timing(send: Send, waited: float) -> Send:
