@@ -21,6 +21,7 @@ import contextlib
 import inspect
 import itertools
 import logging
+import threading
 import weakref
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -75,7 +76,17 @@ except ImportError:  # pragma: no cover - depends on the Python version
         _task_of_loop = _current_tasks.get
     except ImportError:
         _task_of_loop = asyncio.current_task
-_running_loop = asyncio._get_running_loop
+_running_loop = asyncio._get_running_loop  # one getpid() system call each time (CPython)
+_thread_ident = threading.get_ident
+
+
+class _NoLoop:
+    """The loop cache before any asyncio loop was seen: no task, no thread."""
+
+    _thread_id = None
+
+
+_NO_LOOP: Final = _NoLoop()
 
 # (timeout, max_waiting, on_error) of one hold
 _Options = tuple[Union[float, None], Union[int, None], OnError]  # noqa: UP007
@@ -138,6 +149,9 @@ class _LoopState:
         self.checkpoint_if_cancelled = _checkpoint_if_cancelled_for(
             "trio" if loop is None else "asyncio"
         )
+
+
+_NO_STATE: Final = object.__new__(_LoopState)  # paired with _NO_LOOP, never used
 
 
 def _checkpoint_if_cancelled_for(library: str) -> Callable[[], Awaitable[None]]:
@@ -279,10 +293,9 @@ class Held:
 
     async def __aenter__(self) -> Held:
         lock = self._lock
-        loop = _running_loop()
-        cached_loop, state = lock._cache  # `_current()`'s common case, inline
-        task = _task_of_loop(loop) if cached_loop is loop and loop is not None else None
-        if task is None or state is None:
+        loop, state = lock._loop_cache  # `_current()`'s common case, inline
+        task = _task_of_loop(loop)
+        if task is None or loop._thread_id != _thread_ident():
             state, task = lock._current()
         self._task = task
         key = self._key
@@ -542,6 +555,8 @@ class KeyedLock:
         self._backend = backend
         self._fence = itertools.count(1)
         self._states: weakref.WeakKeyDictionary[object, _LoopState] = weakref.WeakKeyDictionary()
+        # The asyncio loop seen last and its state; trio's root task seen last and its state.
+        self._loop_cache: tuple[Any, _LoopState] = (_NO_LOOP, _NO_STATE)
         self._cache: tuple[object, _LoopState | None] = (None, None)
 
     @property
@@ -624,10 +639,9 @@ class KeyedLock:
         if self._backend is not None:
             return None
         # `_current()` inlined for a task on the asyncio loop seen last (the common case).
-        loop = _running_loop()
-        cached_loop, state = self._cache
-        task = _task_of_loop(loop) if loop is not None else None
-        if task is None or cached_loop is not loop or state is None:
+        loop, state = self._loop_cache
+        task = _task_of_loop(loop)
+        if task is None or loop._thread_id != _thread_ident():
             state, task = self._current()
         if self._key_prefix:
             key = self._key_prefix + key
@@ -800,32 +814,39 @@ class KeyedLock:
         return (timeout, max_waiting, on_error)
 
     def _current(self) -> tuple[_LoopState, object]:
-        """The current event loop's key table and the current task."""
+        """The current event loop's key table and the current task.
+
+        The asyncio loop seen last is cached for the hot paths, which trust it when it has a
+        running task and runs in this thread: then it is the loop running this code (a thread
+        runs one loop at a time). That skips `asyncio._get_running_loop()`, whose `getpid()`
+        system call would cost more than taking a free key.
+        """
         loop = _running_loop()
         task = _task_of_loop(loop) if loop is not None else None
         if task is not None:
-            cached_loop, cached_state = self._cache
-            if cached_loop is loop and cached_state is not None:
-                return cached_state, task
-            state = self._states.get(loop)
-            if state is None:
-                state = self._states[loop] = _LoopState(loop)
-            self._cache = (loop, state)
+            cached_loop, state = self._loop_cache
+            if cached_loop is not loop:
+                found = self._states.get(loop)
+                if found is None:
+                    found = self._states[loop] = _LoopState(loop)
+                state = found
+                if getattr(loop, "_thread_id", None) == _thread_ident():
+                    self._loop_cache = (loop, state)
             return state, task
-        found = _trio_current()
-        if found is None:
+        found_trio = _trio_current()
+        if found_trio is None:
             raise RuntimeError("KeyedLock must be used from a task on an asyncio or trio loop")
-        root, trio_task = found
+        root, trio_task = found_trio
         cached_root, cached_state = self._cache
         if cached_root is root and cached_state is not None:
             return cached_state, trio_task
-        state = self._states.get(root)
-        if state is None:
+        trio_state = self._states.get(root)
+        if trio_state is None:
             import trio
 
-            state = self._states[root] = _LoopState(None, trio.Event)
-        self._cache = (root, state)
-        return state, trio_task
+            trio_state = self._states[root] = _LoopState(None, trio.Event)
+        self._cache = (root, trio_state)
+        return trio_state, trio_task
 
     def _current_state(self) -> _LoopState | None:
         """The current loop's table, or None outside an event loop."""

@@ -219,3 +219,41 @@ def test_plain_asyncio_cancel_at_hand_off_passes_the_key_on(release_first: bool)
         assert lock.stats() == IDLE
 
     asyncio.run(main())
+
+
+def test_loops_in_two_threads_keep_their_own_keys() -> None:
+    """The lock trusts its cached asyncio loop only where that loop runs: a thread running
+    another loop, while the cached one is in the middle of a task step, gets its own table."""
+    import asyncio
+    import threading
+
+    lock = KeyedLock()
+    a_holds = threading.Event()
+    b_done = threading.Event()
+    seen_in_b: list[object] = []
+
+    async def in_thread_a() -> None:
+        async with lock.hold("k"):
+            a_holds.set()
+            # Spin inside this task step (no await): loop A has a running task meanwhile.
+            while not b_done.wait(0.001):
+                pass
+            assert lock.stats() == LockStats(active_keys=1, holders=1, waiting=0)
+
+    async def in_thread_b() -> None:
+        try:
+            async with lock.hold("k", timeout=0):  # loop B's own table: "k" is free there
+                seen_in_b.append(lock.stats())
+        except BaseException as error:  # reported by the assertion below
+            seen_in_b.append(error)
+        finally:
+            b_done.set()
+
+    thread_a = threading.Thread(target=asyncio.run, args=(in_thread_a(),))
+    thread_a.start()
+    assert a_holds.wait(10)
+    thread_b = threading.Thread(target=asyncio.run, args=(in_thread_b(),))
+    thread_b.start()
+    thread_b.join()
+    thread_a.join()
+    assert seen_in_b == [LockStats(active_keys=1, holders=1, waiting=0)]
