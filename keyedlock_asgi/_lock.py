@@ -555,9 +555,10 @@ class KeyedLock:
         self._backend = backend
         self._fence = itertools.count(1)
         self._states: weakref.WeakKeyDictionary[object, _LoopState] = weakref.WeakKeyDictionary()
-        # The asyncio loop seen last and its state; trio's root task seen last and its state.
-        self._loop_cache: tuple[Any, _LoopState] = (_NO_LOOP, _NO_STATE)
+        # The event loop (asyncio loop or trio root task) seen last and its state; and the
+        # asyncio loop seen last that the hot paths may trust without asking (see `_current`).
         self._cache: tuple[object, _LoopState | None] = (None, None)
+        self._loop_cache: tuple[Any, _LoopState] = (_NO_LOOP, _NO_STATE)
 
     @property
     def timeout(self) -> float | None:
@@ -816,37 +817,39 @@ class KeyedLock:
     def _current(self) -> tuple[_LoopState, object]:
         """The current event loop's key table and the current task.
 
-        The asyncio loop seen last is cached for the hot paths, which trust it when it has a
-        running task and runs in this thread: then it is the loop running this code (a thread
-        runs one loop at a time). That skips `asyncio._get_running_loop()`, whose `getpid()`
-        system call would cost more than taking a free key.
+        The hot paths skip this when the asyncio loop seen last (`_loop_cache`) has a running
+        task and runs in this thread (`loop._thread_id`, which asyncio's loops keep): then it
+        is the loop running the caller, since a thread runs one loop at a time. That saves
+        `asyncio._get_running_loop()`, whose `getpid()` system call costs more than taking a
+        free key. Loops without a readable `_thread_id` (uvloop) always come through here.
         """
         loop = _running_loop()
         task = _task_of_loop(loop) if loop is not None else None
         if task is not None:
-            cached_loop, state = self._loop_cache
-            if cached_loop is not loop:
-                found = self._states.get(loop)
-                if found is None:
-                    found = self._states[loop] = _LoopState(loop)
-                state = found
-                if getattr(loop, "_thread_id", None) == _thread_ident():
-                    self._loop_cache = (loop, state)
+            cached_loop, state = self._cache
+            if cached_loop is loop and state is not None:
+                return state, task
+            state = self._states.get(loop)
+            if state is None:
+                state = self._states[loop] = _LoopState(loop)
+            self._cache = (loop, state)
+            if getattr(loop, "_thread_id", None) == _thread_ident():
+                self._loop_cache = (loop, state)
             return state, task
-        found_trio = _trio_current()
-        if found_trio is None:
+        found = _trio_current()
+        if found is None:
             raise RuntimeError("KeyedLock must be used from a task on an asyncio or trio loop")
-        root, trio_task = found_trio
+        root, trio_task = found
         cached_root, cached_state = self._cache
         if cached_root is root and cached_state is not None:
             return cached_state, trio_task
-        trio_state = self._states.get(root)
-        if trio_state is None:
+        state = self._states.get(root)
+        if state is None:
             import trio
 
-            trio_state = self._states[root] = _LoopState(None, trio.Event)
-        self._cache = (root, trio_state)
-        return trio_state, trio_task
+            state = self._states[root] = _LoopState(None, trio.Event)
+        self._cache = (root, state)
+        return state, trio_task
 
     def _current_state(self) -> _LoopState | None:
         """The current loop's table, or None outside an event loop."""

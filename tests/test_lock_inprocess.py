@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import gc
 import tracemalloc
+from collections.abc import Callable
+from typing import Any
 
 import anyio
 import anyio.lowlevel
@@ -221,10 +223,22 @@ def test_plain_asyncio_cancel_at_hand_off_passes_the_key_on(release_first: bool)
     asyncio.run(main())
 
 
-def test_loops_in_two_threads_keep_their_own_keys() -> None:
-    """The lock trusts its cached asyncio loop only where that loop runs: a thread running
-    another loop, while the cached one is in the middle of a task step, gets its own table."""
+def _loop_runners() -> list[Any]:
     import asyncio
+
+    runners: list[Any] = [pytest.param(asyncio.run, id="asyncio")]
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is in the dev extra, not on Windows
+        return runners
+    return [*runners, pytest.param(uvloop.run, id="uvloop")]
+
+
+@pytest.mark.parametrize("run", _loop_runners())
+def test_loops_in_two_threads_keep_their_own_keys(run: Callable[[Any], Any]) -> None:
+    """The lock trusts its cached asyncio loop only where that loop runs: a thread running
+    another loop, while the cached one is in the middle of a task step, gets its own table.
+    uvloop (no readable `_thread_id`) always asks asyncio for the running loop."""
     import threading
 
     lock = KeyedLock()
@@ -249,11 +263,42 @@ def test_loops_in_two_threads_keep_their_own_keys() -> None:
         finally:
             b_done.set()
 
-    thread_a = threading.Thread(target=asyncio.run, args=(in_thread_a(),))
+    thread_a = threading.Thread(target=run, args=(in_thread_a(),))
     thread_a.start()
     assert a_holds.wait(10)
-    thread_b = threading.Thread(target=asyncio.run, args=(in_thread_b(),))
+    thread_b = threading.Thread(target=run, args=(in_thread_b(),))
     thread_b.start()
     thread_b.join()
     thread_a.join()
     assert seen_in_b == [LockStats(active_keys=1, holders=1, waiting=0)]
+
+
+@pytest.mark.parametrize("run", _loop_runners())
+def test_fifo_hand_off_and_cancellation_on_each_asyncio_loop(run: Callable[[Any], Any]) -> None:
+    """The asyncio fast paths on asyncio's own loop and on uvloop: FIFO hand-off, a cancelled
+    waiter skipped, the table empty afterwards."""
+    import asyncio
+
+    lock = KeyedLock()
+    entered: list[str] = []
+
+    async def waiter(name: str) -> None:
+        async with lock.hold("k"):
+            entered.append(name)
+            await asyncio.sleep(0)
+
+    async def main() -> None:
+        holder = lock.hold("k")
+        await holder.__aenter__()
+        tasks = {}
+        for index, name in enumerate(["W1", "W2", "W3", "W4"]):
+            tasks[name] = asyncio.create_task(waiter(name))
+            await until(lambda count=index + 1: lock.waiting("k") == count)
+        tasks["W2"].cancel()
+        await holder.__aexit__(None, None, None)
+        await until(lambda: all(task.done() for task in tasks.values()))
+        assert tasks["W2"].cancelled()
+        assert entered == ["W1", "W3", "W4"]
+        assert lock.stats() == IDLE
+
+    run(main())
