@@ -293,7 +293,7 @@ async def test_max_hold_ends_the_lease_and_reports_it(
     assert len(lost) == 1
     assert lost[0].reason == "max_hold"
     assert lost[0].token == log[0][1]
-    assert lost[0].held_for >= 1.5
+    assert lost[0].held_for >= 1.49  # reported when the lease ran out at max_hold, not before
     assert await leftovers(raw, namespace) == []
 
 

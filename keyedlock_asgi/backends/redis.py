@@ -298,10 +298,13 @@ class RedisLease:
         now = monotonic()
         lease = backend.lease
         if backend.max_hold is not None:
-            lease = min(lease, self._granted_at + backend.max_hold - now)
-            if lease <= 0.001:
+            end = self._granted_at + backend.max_hold
+            if self._valid_until >= end - 0.001 or end - now <= 0.001:
+                # The lease already runs to max_hold: renewing would only race its end (and be
+                # reported as "expired"). Report max_hold when it ends.
                 self._schedule(max(self._valid_until - now, 0.0), "max_hold")
                 return
+            lease = min(lease, end - now)
         try:
             renewed = await backend._run(
                 self._conn.extend,
