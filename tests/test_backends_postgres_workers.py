@@ -20,7 +20,7 @@ import pytest
 
 from keyedlock_asgi.backends.postgres import key_id
 from tests.support.engine_postgres import PG_DSN, require_postgres
-from tests.support.server import uvicorn_server
+from tests.support.server import uvicorn_servers
 
 pytestmark = pytest.mark.anyio
 
@@ -35,8 +35,8 @@ def anyio_backend() -> str:
 
 
 class Shop:
-    def __init__(self, url: str, table: str, namespace: str) -> None:
-        self.url = url
+    def __init__(self, urls: list[str], table: str, namespace: str) -> None:
+        self.urls = urls  # one per worker process
         self.table = table
         self.namespace = namespace
 
@@ -52,9 +52,10 @@ async def _sql(*statements: str) -> None:
         await conn.close()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def shop() -> Iterator[Shop]:
-    """4 workers sharing one PostgreSQL lock namespace and a balance table made for this run."""
+    """4 worker processes sharing one PostgreSQL lock namespace and a balance table made for
+    this test (per test: the fault tests stop or kill a worker)."""
     require_postgres()
     run = uuid.uuid4().hex[:12]
     table, namespace = f"kl_pg_{run}", f"test-workers-{run}"
@@ -69,8 +70,8 @@ def shop() -> Iterator[Shop]:
     )
     env = {"PG_DSN": PG_DSN, "PG_NAMESPACE": namespace, "PG_TABLE": table, "PG_LEASE": str(LEASE)}
     try:
-        with uvicorn_server("tests.apps.pg_checkout:app", workers=4, env=env) as url:
-            yield Shop(url, table, namespace)
+        with uvicorn_servers("tests.apps.pg_checkout:app", 4, env=env) as urls:
+            yield Shop(urls, table, namespace)
     finally:
         asyncio.run(_sql(f"DROP TABLE IF EXISTS {table}", f"DROP TABLE IF EXISTS {table}_log"))
 
@@ -104,10 +105,10 @@ async def until(check: Any, limit: float = 30.0) -> Any:
             await anyio.sleep(0.01)
 
 
-async def post(client: httpx.AsyncClient, path: str, user: str, request: str) -> int:
+async def post(client: httpx.AsyncClient, url: str, user: str, request: str) -> int:
     try:
         response = await client.post(
-            path, headers={"X-User-Id": user, "X-Request-Id": f"{user}:{request}"}
+            url, headers={"X-User-Id": user, "X-Request-Id": f"{user}:{request}"}
         )
     except httpx.TransportError:
         return 0  # the worker serving it was killed
@@ -131,9 +132,9 @@ def assert_no_overlap(rows: list[Any], skip: str | None = None) -> None:
 async def test_200_concurrent_checkouts_across_4_workers(shop: Shop, pg: Any) -> None:
     user = f"alice-{uuid.uuid4().hex[:6]}"
     limits = httpx.Limits(max_connections=200)
-    async with httpx.AsyncClient(base_url=shop.url, timeout=120, limits=limits) as client:
+    async with httpx.AsyncClient(timeout=120, limits=limits) as client:
         statuses = await asyncio.gather(
-            *(post(client, "/checkout", user, str(i)) for i in range(200))
+            *(post(client, f"{shop.urls[i % 4]}/checkout", user, str(i)) for i in range(200))
         )
     assert statuses == [200] * 200
     balance = await pg.fetchval(f"SELECT balance FROM {shop.table} WHERE id = 1")
@@ -149,10 +150,11 @@ async def test_200_concurrent_checkouts_across_4_workers(shop: Shop, pg: Any) ->
 async def _holder_and_waiters(
     shop: Shop, pg: Any, client: httpx.AsyncClient, tg: Any, user: str
 ) -> tuple[Any, int]:
-    """Start a holder, then checkouts for `user` until one waits in PostgreSQL (from another
-    worker: those the holder's own worker accepts queue in memory); return the holder's enter
-    row and the server pid of its lock connection."""
-    tg.start_soon(post, client, "/hold", user, "holder")
+    """Start a holder in the first worker, then one checkout for `user` in every worker (the
+    holder's own queues in memory, the others in PostgreSQL); return the holder's enter row
+    once another worker waits in PostgreSQL, and the server pid of the holder's lock
+    connection."""
+    tg.start_soon(post, client, f"{shop.urls[0]}/hold", user, "holder")
 
     async def holder_entered() -> Any:
         rows = [r for r in await events(pg, shop, user) if r["event"] == "enter"]
@@ -170,11 +172,9 @@ async def _holder_and_waiters(
         holders = [r["pid"] for r in rows if r["granted"]]
         return holders[0] if holders and any(not r["granted"] for r in rows) else None
 
-    for i in range(40):
-        tg.start_soon(post, client, "/checkout", user, f"w{i}")
-        with anyio.move_on_after(0.5):
-            return entered, await until(lock_state)
-    raise AssertionError("no other worker ever waited for the key")
+    for i, url in enumerate(shop.urls):
+        tg.start_soon(post, client, f"{url}/checkout", user, f"w{i}")
+    return entered, await until(lock_state)
 
 
 async def _note(pg: Any, shop: Shop, user: str, event: str) -> None:
@@ -203,7 +203,7 @@ async def _lost_reported(pg: Any, shop: Shop, user: str, token: int) -> bool:
 async def test_terminated_holder_connection_lets_the_next_waiter_in(shop: Shop, pg: Any) -> None:
     user = f"bob-{uuid.uuid4().hex[:6]}"
     async with (
-        httpx.AsyncClient(base_url=shop.url, timeout=60) as client,
+        httpx.AsyncClient(timeout=60) as client,
         anyio.create_task_group() as tg,
     ):
         entered, holder_pid = await _holder_and_waiters(shop, pg, client, tg, user)
@@ -230,7 +230,7 @@ async def test_terminated_holder_connection_lets_the_next_waiter_in(shop: Shop, 
 async def test_frozen_worker_loses_the_key_after_the_lease(shop: Shop, pg: Any) -> None:
     user = f"carol-{uuid.uuid4().hex[:6]}"
     async with (
-        httpx.AsyncClient(base_url=shop.url, timeout=60) as client,
+        httpx.AsyncClient(timeout=60) as client,
         anyio.create_task_group() as tg,
     ):
         entered, _ = await _holder_and_waiters(shop, pg, client, tg, user)
@@ -257,7 +257,7 @@ async def test_frozen_worker_loses_the_key_after_the_lease(shop: Shop, pg: Any) 
 async def test_killed_worker_lets_the_next_waiter_in(shop: Shop, pg: Any) -> None:
     user = f"dave-{uuid.uuid4().hex[:6]}"
     async with (
-        httpx.AsyncClient(base_url=shop.url, timeout=60) as client,
+        httpx.AsyncClient(timeout=60) as client,
         anyio.create_task_group() as tg,
     ):
         entered, _ = await _holder_and_waiters(shop, pg, client, tg, user)

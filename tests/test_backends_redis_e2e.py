@@ -23,7 +23,7 @@ import httpx
 import pytest
 
 from tests.support.engine_redis import REDIS_URL, ping, require_redis
-from tests.support.server import free_port, uvicorn_server
+from tests.support.server import free_port, uvicorn_server, uvicorn_servers
 
 pytestmark = pytest.mark.anyio
 APP = "tests.apps.redis_checkout:app"
@@ -83,18 +83,18 @@ def assert_no_same_key_overlap(log: list[dict[str, Any]]) -> int:
 async def test_checkout_across_four_worker_processes(namespace: str, raw: Any) -> None:
     env = {"KL_NS": namespace, "KL_WORK_MS": "1"}
     statuses: Counter[int] = Counter()
-    with uvicorn_server(APP, workers=4, env=env) as url:
+    with uvicorn_servers(APP, 4, env=env) as urls:
         limits = httpx.Limits(max_connections=400, max_keepalive_connections=0)
-        async with httpx.AsyncClient(base_url=url, limits=limits, timeout=120) as client:
+        async with httpx.AsyncClient(limits=limits, timeout=120) as client:
 
-            async def checkout(user: str) -> None:
-                response = await client.post("/checkout", headers={"x-user-id": user})
+            async def checkout(url: str, user: str) -> None:
+                response = await client.post(f"{url}/checkout", headers={"x-user-id": user})
                 statuses[response.status_code] += 1
 
             async with anyio.create_task_group() as tg:
-                for i in range(200):
-                    tg.start_soon(checkout, "shared")
-                    tg.start_soon(checkout, f"solo-{i}")
+                for i in range(200):  # round robin over the 4 processes
+                    tg.start_soon(checkout, urls[i % 4], "shared")
+                    tg.start_soon(checkout, urls[(i + 1) % 4], f"solo-{i}")
     assert statuses == {200: 400}
     log = await read_log(raw, namespace)
     assert len(log) == 800

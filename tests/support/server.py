@@ -83,3 +83,14 @@ def uvicorn_server(
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+@contextlib.contextmanager
+def uvicorn_servers(
+    app: str, count: int, *, env: Mapping[str, str] | None = None
+) -> Iterator[list[str]]:
+    """`count` one-process uvicorn servers of the same app, each on its own port: the client
+    picks the process for every request (round robin). Under `--workers N` the kernel and the
+    servers' accept loops pick, and one process often takes every connection of a burst."""
+    with contextlib.ExitStack() as stack:
+        yield [stack.enter_context(uvicorn_server(app, env=env)) for _ in range(count)]
