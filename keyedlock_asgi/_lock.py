@@ -21,6 +21,7 @@ import contextlib
 import inspect
 import itertools
 import logging
+import sys
 import threading
 import weakref
 from collections import deque
@@ -76,12 +77,22 @@ except ImportError:  # pragma: no cover - depends on the Python version
         _task_of_loop = _current_tasks.get
     except ImportError:
         _task_of_loop = asyncio.current_task
-_running_loop = asyncio._get_running_loop  # one getpid() system call each time (CPython)
+try:  # every loop with a task in the middle of a step right now (any thread) -> that task
+    from asyncio.tasks import _current_tasks as _tasks_in_step  # type: ignore[attr-defined]
+except ImportError:  # pragma: no cover - depends on the Python version
+    _tasks_in_step = {}
+_running_loop = asyncio._get_running_loop
 _thread_ident = threading.get_ident
+# Up to 3.11, asyncio._get_running_loop() makes a getpid() system call on every call (a check
+# for fork), which costs more than taking a free key; the hot paths then trust the loop seen
+# last instead (see `KeyedLock._current`). From 3.12 on it is cheap and always asked.
+_TRUST_LOOP_CACHE: Final = (
+    sys.version_info < (3, 12) and getattr(_task_of_loop, "__self__", None) is _tasks_in_step
+)
 
 
 class _NoLoop:
-    """The loop cache before any asyncio loop was seen: no task, no thread."""
+    """The loop cache before any asyncio loop was trusted: no task, no thread."""
 
     _thread_id = None
 
@@ -295,7 +306,7 @@ class Held:
         lock = self._lock
         loop, state = lock._loop_cache  # `_current()`'s common case, inline
         task = _task_of_loop(loop)
-        if task is None or loop._thread_id != _thread_ident():
+        if task is None or len(_tasks_in_step) != 1 or loop._thread_id != _thread_ident():
             state, task = lock._current()
         self._task = task
         key = self._key
@@ -642,7 +653,7 @@ class KeyedLock:
         # `_current()` inlined for a task on the asyncio loop seen last (the common case).
         loop, state = self._loop_cache
         task = _task_of_loop(loop)
-        if task is None or loop._thread_id != _thread_ident():
+        if task is None or len(_tasks_in_step) != 1 or loop._thread_id != _thread_ident():
             state, task = self._current()
         if self._key_prefix:
             key = self._key_prefix + key
@@ -817,11 +828,13 @@ class KeyedLock:
     def _current(self) -> tuple[_LoopState, object]:
         """The current event loop's key table and the current task.
 
-        The hot paths skip this when the asyncio loop seen last (`_loop_cache`) has a running
-        task and runs in this thread (`loop._thread_id`, which asyncio's loops keep): then it
-        is the loop running the caller, since a thread runs one loop at a time. That saves
-        `asyncio._get_running_loop()`, whose `getpid()` system call costs more than taking a
-        free key. Loops without a readable `_thread_id` (uvloop) always come through here.
+        Up to Python 3.11 the hot paths skip this when they can prove, without asking asyncio
+        (a system call there), that the loop seen last (`_loop_cache`) runs the caller: it runs
+        in this thread (`loop._thread_id`), has a task in a step, and no other loop anywhere
+        has one (`_tasks_in_step` holds one entry). The caller, running in a task step, is in
+        that entry, so the entry is the caller's loop and task. A second loop in a step (another
+        thread, a loop nested in a task of another, a forked child's stale entry) sends every
+        caller here. Loops without a readable `_thread_id` (uvloop) always come here.
         """
         loop = _running_loop()
         task = _task_of_loop(loop) if loop is not None else None
@@ -833,7 +846,7 @@ class KeyedLock:
             if state is None:
                 state = self._states[loop] = _LoopState(loop)
             self._cache = (loop, state)
-            if getattr(loop, "_thread_id", None) == _thread_ident():
+            if _TRUST_LOOP_CACHE and getattr(loop, "_thread_id", None) == _thread_ident():
                 self._loop_cache = (loop, state)
             return state, task
         found = _trio_current()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import os
 import tracemalloc
 from collections.abc import Callable
 from typing import Any
@@ -302,3 +303,70 @@ def test_fifo_hand_off_and_cancellation_on_each_asyncio_loop(run: Callable[[Any]
         assert lock.stats() == IDLE
 
     run(main())
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_child_forked_inside_a_task_keeps_its_own_keys() -> None:
+    """A child forked while a task of the parent's loop holds a key inherits asyncio's record
+    of that task; its own loop must still get its own table (and no stale holder)."""
+    import asyncio
+
+    lock = KeyedLock()
+
+    async def in_child() -> int:
+        order: list[int] = []
+
+        async def worker(n: int) -> None:
+            async with lock.hold("k", timeout=5):  # the parent's holder does not exist here
+                order.append(n)
+                await asyncio.sleep(0)
+
+        await asyncio.gather(worker(1), worker(2))
+        return 0 if order == [1, 2] and lock.stats() == IDLE else 1
+
+    async def in_parent() -> int:
+        async with lock.hold("k"):
+            pid = os.fork()
+            if pid == 0:  # the child: a fresh loop; report through the exit code only
+                code = 1
+                try:
+                    code = asyncio.new_event_loop().run_until_complete(in_child())
+                finally:
+                    os._exit(code)
+            _, status = os.waitpid(pid, 0)  # noqa: ASYNC222 - blocking on purpose: nothing else runs
+        return os.waitstatus_to_exitcode(status)
+
+    assert asyncio.run(in_parent()) == 0
+
+
+def test_a_loop_run_inside_a_task_of_another_keeps_its_own_keys() -> None:
+    """A second loop run to completion from inside a task of the first (as nest_asyncio and
+    some sync-over-async helpers do): its tasks get its own table, not the outer loop's."""
+    import asyncio
+    from asyncio import events
+
+    lock = KeyedLock()
+
+    async def inner() -> list[int]:
+        order: list[int] = []
+
+        async def worker(n: int) -> None:
+            async with lock.hold("k"):
+                order.append(n)
+                await asyncio.sleep(0)
+
+        await asyncio.gather(worker(1), worker(2))
+        return order
+
+    async def outer() -> list[int]:
+        async with lock.hold("k"):  # the outer loop holds "k" while the inner one runs
+            inner_loop = asyncio.new_event_loop()
+            running = events._get_running_loop()
+            events._set_running_loop(None)
+            try:
+                return inner_loop.run_until_complete(inner())
+            finally:
+                events._set_running_loop(running)
+                inner_loop.close()
+
+    assert asyncio.run(outer()) == [1, 2]
