@@ -243,14 +243,13 @@ class KeyedLockMiddleware:
             try:
                 await app(scope, receive, send)
             except BaseException as exc:
-                _unrecord(scope, records, held, ours)
-                await held.__aexit__(type(exc), exc, exc.__traceback__)
+                try:
+                    await held.__aexit__(type(exc), exc, exc.__traceback__)
+                finally:
+                    _unrecord(scope, records, held, ours)
                 raise
-            if ours:  # a list made for this request is dropped, not left behind empty
-                del scope[SCOPE_KEY]
-            else:
-                records.remove(held)
-            held._exit_now()
+            held._exit_now()  # first: nothing the app did to the scope can keep the key held
+            _unrecord(scope, records, held, ours)
         else:
             await self._run(held, scope, receive, send)
 
@@ -290,15 +289,18 @@ class KeyedLockMiddleware:
             error = exc
             raise
         finally:
-            held_list.remove(held)
-            if error is None:
-                await held.__aexit__(None, None, None)
-            else:
-                await held.__aexit__(type(error), error, error.__traceback__)
+            try:  # release first: nothing the app did to the scope can keep the key held
+                if error is None:
+                    await held.__aexit__(None, None, None)
+                else:
+                    await held.__aexit__(type(error), error, error.__traceback__)
+            finally:
+                if held in held_list:
+                    held_list.remove(held)
             if hooks.on_released is not None:
                 await hooks.released(scope, held, perf_counter() - started)
-            if ours:  # as on the fast path: a list made for this request does not outlive it
-                scope.pop(SCOPE_KEY, None)
+            if ours and scope.get(SCOPE_KEY) is held_list:  # as on the fast path
+                del scope[SCOPE_KEY]
 
     async def _wait_then_run(self, held: Held, scope: Scope, receive: Receive, send: Send) -> None:
         """Queue for the key while a watcher reads `receive()`; run the app once granted."""
@@ -400,10 +402,11 @@ class _Watcher:
 
 
 def _unrecord(scope: Scope, records: list[Held], held: Held, ours: bool) -> None:
-    """Take `held` out of `scope["keyedlock"]`, dropping the entry if this layer made it."""
-    if ours:
+    """Take `held` out of `scope["keyedlock"]`, dropping the entry if this layer made it (a
+    list made for this request does not outlive it). Whatever the app did to the entry."""
+    if ours and scope.get(SCOPE_KEY) is records:
         del scope[SCOPE_KEY]
-    else:
+    elif held in records:
         records.remove(held)
 
 

@@ -147,12 +147,15 @@ class RouteGuard:
             return
         held = hold.held
         assert held is not None
-        records: list[Held] = scope[SCOPE_KEY]
-        records.remove(held)
-        if error is None:
-            await held.__aexit__(None, None, None)
-        else:
-            await held.__aexit__(type(error), error, error.__traceback__)
+        try:  # release first: nothing the endpoint did to the scope can keep the key held
+            if error is None:
+                await held.__aexit__(None, None, None)
+            else:
+                await held.__aexit__(type(error), error, error.__traceback__)
+        finally:
+            records = scope.get(SCOPE_KEY)
+            if records is not None and held in records:
+                records.remove(held)
         if self.hooks.on_released is not None:
             await self.hooks.released(scope, held, perf_counter() - hold.started)
 

@@ -643,3 +643,31 @@ def test_bad_options() -> None:
         KeyedLockMiddleware(app, key=keys.client_ip(), timeout=-1)
     with pytest.raises(ValueError, match="unknown path converter"):
         KeyedLockMiddleware(app, key=keys.client_ip(), include=["/x/{a:bad}"])
+
+
+@pytest.mark.parametrize("what", ["deleted", "replaced", "emptied"])
+@pytest.mark.parametrize("server_timing", [False, True], ids=["fast-path", "full-path"])
+async def test_an_app_that_changes_scope_keyedlock_cannot_keep_the_key(
+    what: str, server_timing: bool
+) -> None:
+    """`scope["keyedlock"]` is the app's to read; whatever it does to the entry, the key is
+    released when the request ends."""
+    lock = KeyedLock(timeout=10)  # a stranded key fails the second request instead of hanging
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        if what == "deleted":
+            del scope["keyedlock"]
+        elif what == "replaced":
+            scope["keyedlock"] = []
+        else:
+            scope["keyedlock"].clear()
+        await PlainTextResponse("ok")(scope, receive, send)
+
+    wrapped = KeyedLockMiddleware(
+        app, lock=lock, key=keys.header("x-user"), server_timing=server_timing
+    )
+    async with client(wrapped) as http:
+        for _ in range(2):  # the second request would wait forever for a stranded key
+            response = await http.get("/", headers={"x-user": "alice"})
+            assert response.status_code == 200
+    assert lock.stats().active_keys == 0

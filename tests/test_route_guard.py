@@ -435,3 +435,18 @@ def test_bad_options_fail_at_decoration_time() -> None:
         lock.serialize(42)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="lock key"):
         lock.depends(42)  # type: ignore[arg-type]
+
+
+async def test_an_endpoint_that_changes_scope_keyedlock_cannot_keep_the_key(form: str) -> None:
+    """Whatever the endpoint does to `scope["keyedlock"]`, the key is released at the end."""
+    lock = KeyedLock(timeout=10)  # a stranded key fails the second request instead of hanging
+
+    async def handler(request: Request) -> Response:
+        request.scope.pop("keyedlock", None)
+        return JSONResponse({"ok": True})
+
+    async with client(build_app(form, lock, handler)) as http:
+        for name in ("first", "second"):
+            response = await post(http, name)
+            assert response.status_code == 200, response.text
+    assert_idle(lock)
