@@ -647,3 +647,56 @@ async def test_hand_off_to_a_dead_waiter_ends_with_its_claim(
     assert dead not in await holders(raw, holder, "k")
     await lease.release()
     assert await leftovers(raw, namespace) == []
+
+
+async def test_a_late_hand_off_message_for_an_ended_claim_is_ignored(
+    make_backend: Callable[..., RedisBackend],
+    raw: Any,
+    namespace: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """B is handed the key, but the message is held back; B's claim ends and C is handed the
+    key. When B's message finally arrives, B must not take it: C holds the key. B gets its
+    own grant, with a larger fence, once C releases."""
+    holder, b_side, c_side = make_backend(), make_backend(), make_backend()
+    b_conn = await _conn(b_side)
+    held_back: list[str] = []
+    deliver = b_conn.wake
+    monkeypatch.setattr(b_conn, "wake", held_back.append)
+    b_scripts: list[tuple[str, Any]] = []
+    record_scripts(monkeypatch, b_side, b_scripts)
+    first = await holder.acquire("k", timeout=None, max_concurrency=1)
+    got: dict[str, Any] = {}
+    async with anyio.create_task_group() as tg:
+
+        async def take(name: str, backend: RedisBackend) -> None:
+            got[name] = await backend.acquire("k", timeout=None, max_concurrency=1)
+
+        tg.start_soon(take, "b", b_side)
+        await wait_for(lambda: _eq(queue_length(raw, b_side, "k"), 1), "B queued")
+        (b_token,) = await queued_tokens(raw, b_side, "k")
+        tg.start_soon(take, "c", c_side)
+        await wait_for(lambda: _eq(queue_length(raw, b_side, "k"), 2), "C queued")
+        await first.release()  # hands B a claim; its message is held back
+        await wait_for(lambda: _true(bool(held_back)), "B's grant message sent")
+        # B's claim ends (as if B stalled past it): then B asks again, which prunes it and
+        # hands the key to C.
+        own = b_side.redis_keys("k")[0]
+        await raw.zadd(own, {b_token: await server_ms(raw) - 1})
+        asked = len(b_scripts)
+        b_conn.wake_all()
+        await wait_for(lambda: _true("c" in got), "C handed the key")
+        await wait_for(lambda: _true(len(b_scripts) > asked), "B asked again")
+        # Now the late message for B's ended claim arrives.
+        asked = len(b_scripts)
+        monkeypatch.setattr(b_conn, "wake", deliver)
+        deliver(held_back[0])
+        await wait_for(lambda: _true(len(b_scripts) > asked), "B asked again after it")
+        assert "b" not in got  # C holds the key: B still waits
+        (only_holder,) = await holders(raw, b_side, "k")
+        assert only_holder != b_token
+        await got["c"].release()
+    assert got["b"].token > got["c"].token > first.token
+    assert not got["b"].lost
+    await got["b"].release()
+    assert await leftovers(raw, namespace) == []

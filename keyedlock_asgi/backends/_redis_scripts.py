@@ -127,11 +127,12 @@ if may_wait then
   redis.call('PEXPIRE', alive, 2 * waiter_ttl)
 end
 
--- How long until the first lease ends.
+-- How long until the first lease ends, and the last fence issued: any hand-off this caller
+-- gets later carries a larger one (a message for an older grant is stale and ignored).
 local first = redis.call('ZRANGE', own, 0, 0, 'WITHSCORES')
 local left = -1
 if first[2] then left = tonumber(first[2]) - now end
-return {0, '0', left}
+return {0, redis.call('HGET', meta, 'fence') or '0', left}
 """
 )
 

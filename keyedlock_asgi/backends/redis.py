@@ -511,6 +511,9 @@ class RedisBackend:
                     break
                 if may_wait == "0":
                     raise LockBusy("the key is held in another process")
+                # Grants issued before this call were seen by it ("already ours"); a message
+                # for one that has ended since comes with a fence no larger than this.
+                issued = int(fence)
                 # Wake up before a claim handed to us could end unnoticed (lost message).
                 pause = min(self.heartbeat, self._claim / 2)
                 if left_ms >= 0:
@@ -522,12 +525,14 @@ class RedisBackend:
                     pause = min(pause, left)
                 timer = loop.call_later(pause, _resolve, future)
                 try:
-                    fence, claim_ms = await future
+                    handed, claim_ms = await future
                 finally:
                     timer.cancel()
-                if fence:  # handed the key by a RELEASE: a claim, begun after `sent_at`
-                    valid_for = claim_ms / 1000
+                if handed > issued:  # handed the key by a RELEASE: a claim, begun after `sent_at`
+                    fence, valid_for = handed, claim_ms / 1000
                     break
+                # Otherwise ask again (a fallback, a hint, or a late message for a claim that
+                # already ended, which would let two holders overlap).
         except BaseException:
             waiters.pop(token, None)
             await self._give_up(conn, keys, token, max_concurrency)
