@@ -1073,7 +1073,8 @@ class KeyedLock:
 
 
 def _timed_out(timeout: float | None) -> LockTimeout:
-    error = LockTimeout(f"the key was not granted within {timeout:g} seconds")
+    within = "" if timeout is None else f" within {timeout:g} seconds"
+    error = LockTimeout(f"the key was not granted{within}")
     error.retry_after = timeout
     return error
 
