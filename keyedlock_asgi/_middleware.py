@@ -249,7 +249,10 @@ class KeyedLockMiddleware:
                     _unrecord(scope, records, held, ours)
                 raise
             held._exit_now()  # first: nothing the app did to the scope can keep the key held
-            _unrecord(scope, records, held, ours)
+            if ours and scope.get(SCOPE_KEY) is records:  # `_unrecord`'s common case, inline
+                del scope[SCOPE_KEY]
+            else:
+                _unrecord(scope, records, held, ours)
         else:
             await self._run(held, scope, receive, send)
 
