@@ -366,32 +366,12 @@ class Held:
             raise RuntimeError("this hold is not held")
         self._state = None
         if exc is None and type(key) is str and lock._backend is None:
-            # The hot path: `_release` inline (no frame), as the contended path runs it for
-            # every hand-off.
+            # The hot path: a free key is forgotten inline; a contended one is handed on.
             table = state.keys
-            entry = table[key]
-            if type(entry) is Held:  # uncontended: that is this hold
+            if table.get(key) is self:
                 del table[key]
-                return
-            owners = entry.owners
-            owners.remove(self._task)
-            waiters = entry.waiters
-            while waiters:
-                waiter = waiters.popleft()
-                if type(waiter) is tuple:
-                    future, next_task = waiter
-                    if future.done():  # cancelled, not yet out of the queue: skip it
-                        continue
-                    future.set_result(GRANTED)
-                else:
-                    assert isinstance(waiter, _Waiter)  # trio
-                    waiter.granted = True
-                    next_task = waiter.task
-                    waiter.signal.set()
-                owners.append(next_task)
-                return
-            if not owners:
-                del table[key]
+            else:
+                lock._release(state, key, self._task)
             return
         if (
             exc is not None
