@@ -8,9 +8,34 @@ the core takes several keys one by one in sorted order, which keeps them deadloc
 
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
+from dataclasses import dataclass
+from typing import Literal, Protocol, runtime_checkable
 
-__all__ = ["BackendLease", "LockBackend"]
+__all__ = ["BackendLease", "LeaseLost", "LeaseLostReason", "LockBackend"]
+
+LeaseLostReason = Literal["expired", "max_hold", "unreachable", "connection_lost"]
+
+
+@dataclass(frozen=True)
+class LeaseLost:
+    """A held key's engine-level lease ended before its release: another process may hold it.
+
+    Passed to the backend's `on_lease_lost`. Writes that carry `token` as a fencing token can be
+    refused by the protected resource once a newer token was used. One class for every engine.
+    """
+
+    key: str
+    """The key as the engine saw it (with the lock's `key_prefix`)."""
+    token: int
+    """The fencing token of the hold that lost its lease."""
+    reason: LeaseLostReason
+    """`expired`: the engine no longer had the lease when renewing; `max_hold`: renewal stopped
+    at the cap; `unreachable`: the engine could not be reached until the lease surely ended;
+    `connection_lost`: the session that held the key ended (PostgreSQL)."""
+    held_for: float
+    """Seconds since the key was granted."""
+    error: BaseException | None = None
+    """The error that revealed the loss, when there was one."""
 
 
 @runtime_checkable
@@ -32,9 +57,12 @@ class LockBackend(Protocol):
     """A lock engine shared by several processes (Redis, PostgreSQL, ...)."""
 
     async def acquire(
-        self, key: str, *, timeout: float | None, max_concurrency: int
+        self, key: str, *, timeout: float | None, max_concurrency: int, shared: bool = False
     ) -> BackendLease:
         """Take `key` (already prefixed by the lock) in the engine.
+
+        `shared`: a reader's hold, granted together with other shared holds and never with an
+        exclusive one, in arrival order across both modes.
 
         `timeout` is the time left of the caller's budget: `None` waits forever, `0` fails at
         once. Raise `LockTimeout` when it passes, `LockBusy` when it is `0` and the key is

@@ -6,33 +6,19 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from time import monotonic
 from typing import TYPE_CHECKING, Any
 
 import anyio
 
+from . import LeaseLost, LeaseLostReason
+
 if TYPE_CHECKING:
     from .postgres import PostgresBackend
 
-__all__ = ["LeaseLost", "PostgresLease"]
+__all__ = ["PostgresLease"]
 
 logger = logging.getLogger("keyedlock_asgi.postgres")
-
-
-@dataclass(frozen=True)
-class LeaseLost:
-    """Told to `on_lease_lost` when a held key's session ended before its release.
-
-    The server released the key (its session was killed, timed out as idle, or the network
-    dropped it): another process may hold it now. Only the fencing token can stop this
-    holder's late writes (see the docs page)."""
-
-    key: str
-    """The key as the backend saw it (with the lock's `key_prefix`)."""
-    token: int
-    """The fencing token of the lost hold."""
-    reason: str
-    error: BaseException | None = None
 
 
 class PostgresLease:
@@ -47,6 +33,7 @@ class PostgresLease:
         "_beat",
         "_conn",
         "_done",
+        "_granted_at",
         "_io",
         "_lock_id",
         "_on_closed",
@@ -67,6 +54,7 @@ class PostgresLease:
         self._done = False
         self.key = key
         self.token = token
+        self._granted_at = monotonic()
         self.lost = False
         """True once the server is known to have dropped the hold."""
         self._on_closed: Callable[[Any], None] = self._connection_closed
@@ -97,7 +85,7 @@ class PostgresLease:
                     try:
                         clean = await self._backend._unlock(self._conn, self._lock_id)
                     except Exception as exc:
-                        self._report_lost("release failed", exc)
+                        self._report_lost("unreachable", "release failed", exc)
                 await self._backend._give_back(self._pool, self._conn, clean=clean)
                 self._backend._leases.discard(self)
 
@@ -122,20 +110,22 @@ class PostgresLease:
                 try:
                     await self._conn.execute("SELECT 1", timeout=backend.lease)
                 except Exception as exc:
-                    self._report_lost("heartbeat failed", exc)
+                    self._report_lost("unreachable", "heartbeat failed", exc)
                     return
 
     def _connection_closed(self, conn: Any) -> None:
         if not self._done:
-            self._report_lost("the lock connection closed", None)
+            self._report_lost("connection_lost", "the lock connection closed", None)
 
-    def _report_lost(self, reason: str, error: BaseException | None) -> None:
+    def _report_lost(
+        self, reason: LeaseLostReason, detail: str, error: BaseException | None
+    ) -> None:
         if self.lost:
             return
         self.lost = True
-        event = LeaseLost(self.key, self.token, reason, error)
+        event = LeaseLost(self.key, self.token, reason, monotonic() - self._granted_at, error)
         logger.warning(
-            "lost the PostgreSQL lock on %r (token %d): %s", self.key, self.token, reason
+            "lost the PostgreSQL lock on %r (token %d): %s", self.key, self.token, detail
         )
         hook = self._backend.on_lease_lost
         if hook is not None:

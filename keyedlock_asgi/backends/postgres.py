@@ -26,7 +26,8 @@ from typing import Any, Literal
 import anyio
 
 from .._errors import BackendUnavailable, LockBusy, LockTimeout
-from ._pg_lease import LeaseLost, PostgresLease
+from . import LeaseLost
+from ._pg_lease import PostgresLease
 from ._pg_sql import (
     check_sequence_name,
     key_id,

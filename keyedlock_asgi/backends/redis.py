@@ -32,14 +32,13 @@ import os
 import uuid
 import weakref
 from collections.abc import Callable
-from dataclasses import dataclass
 from time import monotonic
 from typing import Any, Literal
 
 import anyio
 
 from .._errors import BackendUnavailable, LockBusy, LockTimeout
-from . import _redis_scripts
+from . import LeaseLost, _redis_scripts
 
 try:
     import redis.asyncio as aioredis
@@ -58,25 +57,6 @@ _CONNECTIVITY_ERRORS = (redis_errors.ConnectionError, redis_errors.TimeoutError,
 _POOL_FULL: tuple[type[Exception], ...] = tuple(
     getattr(redis_errors, name) for name in ("MaxConnectionsError",) if hasattr(redis_errors, name)
 )
-
-
-@dataclass(frozen=True)
-class LeaseLost:
-    """A holder's lease ended while its hold was still open: another process may hold the key.
-
-    Passed to `on_lease_lost`. Writes that carry `token` as a fencing token can be refused by the
-    protected resource once a newer token was used.
-    """
-
-    key: str
-    """The key as the engine saw it (with the lock's `key_prefix`)."""
-    token: int
-    """The fencing token of the hold that lost its lease."""
-    reason: Literal["expired", "max_hold", "unreachable"]
-    """`expired`: Redis no longer had the lease when renewing; `max_hold`: renewal stopped at the
-    cap; `unreachable`: Redis could not be reached until the lease surely ended."""
-    held_for: float
-    """Seconds since the key was granted."""
 
 
 def _running_under_trio() -> bool:
