@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any, Final, Literal, ParamSpec, TypeVar, Union
 import anyio
 import anyio.lowlevel
 
+from ._coalesce import coalesce as _coalesce
 from ._errors import (
     BackendUnavailable,
     LockAborted,
@@ -1050,6 +1051,26 @@ class KeyedLock:
                 assert isinstance(waiter, _Waiter)  # trio
                 waiter.aborted = cause
                 waiter.signal.set()
+
+    # -- single flight (logic in _coalesce) ---------------------------------------------------
+
+    @overload
+    async def coalesce(
+        self, key: str, fn: Callable[P, Awaitable[T]], /, *args: P.args, **kwargs: P.kwargs
+    ) -> T: ...
+
+    @overload
+    async def coalesce(
+        self, key: str, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs
+    ) -> T: ...
+
+    async def coalesce(self, key: str, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+        """Single flight: concurrent calls for `key` share one call of `fn` (this process only).
+
+        A caller cancelled while running `fn` does not cancel the others: one of them runs it
+        anew. Nothing is cached after the call ends. No key is held; `fn` may be sync or async.
+        """
+        return await _coalesce(self, self._key_prefix + key, fn, *args, **kwargs)
 
 
 def _timed_out(timeout: float | None) -> LockTimeout:
