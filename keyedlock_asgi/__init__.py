@@ -10,6 +10,7 @@ from ._errors import (
     LockTimeout,
     QueueFull,
 )
+from ._idempotency import IdempotencyMiddleware
 from ._lock import Held, KeyedLock, LockStats, mutex
 from ._middleware import KeyedLockMiddleware
 from ._responses import Rejection
@@ -19,6 +20,7 @@ __version__ = "0.1.0"
 __all__ = [
     "BackendUnavailable",
     "Held",
+    "IdempotencyMiddleware",
     "KeyedLock",
     "KeyedLockError",
     "KeyedLockMiddleware",
