@@ -1,10 +1,11 @@
 """`IdempotencyMiddleware`: a retried request gets the first one's response, never a second run.
 
-One request per key at a time, across workers: the middleware holds the key in a `KeyedLock`
-with `timeout=0` (a duplicate in flight gets 409 + Retry-After at once), and only then looks the
-key up in the store. So the lookup, the run and the store write of one key never interleave
-with another request's, and a worker that dies mid-run leaves nothing stored: its lease ends
-and the retry runs once. The response is captured as it is sent, never delaying the client.
+A key found completed in the store is answered from it at once (entries never change once
+written). Otherwise the middleware holds the key in a `KeyedLock` with `timeout=0` (a duplicate
+in flight gets 409 + Retry-After at once) and looks again before running: the second look, the
+run and the store write of one key never interleave with another request's, across workers.
+A worker that dies mid-run leaves nothing stored: its lease ends and the retry runs once.
+The response is captured as it is sent, never delaying the client.
 """
 
 from __future__ import annotations
@@ -168,11 +169,19 @@ class IdempotencyMiddleware:
         if len(body) > self.max_request_body:
             await send_rejection(send, BODY_TOO_LARGE)
             return
+        request_fingerprint = fingerprint(scope, body)
+        # A completed key is answered without the lock (entries never change once written), so
+        # duplicates after completion are replayed concurrently, never refused as in flight.
+        if await self._answered_from_store(send, key, request_fingerprint):
+            return
         entered = False
         try:
             async with self.lock.hold(LOCK_PREFIX + key, timeout=0):
                 entered = True
-                await self._once(scope, _replay_body(body, receive), send, key, body)
+                # Again, holding the key: it may have completed since the first look.
+                if await self._answered_from_store(send, key, request_fingerprint):
+                    return
+                await self._run(scope, _replay_body(body, receive), send, key, request_fingerprint)
         except KeyedLockError as exc:
             if entered:
                 raise  # raised after the run (a lost lease): the response is already out
@@ -188,25 +197,29 @@ class IdempotencyMiddleware:
             if len(chunks) > self.max_request_body or not message.get("more_body", False):
                 return bytes(chunks)
 
-    async def _once(
-        self, scope: Scope, receive: Receive, send: Send, key: str, body: bytes
-    ) -> None:
-        """Holding the key: replay what is stored, or run the app and store its response."""
-        request_fingerprint = fingerprint(scope, body)
+    async def _answered_from_store(self, send: Send, key: str, request_fingerprint: str) -> bool:
+        """Answer from the store if `key` completed (replay, 422 or 409); False if it did not.
+        An unreadable store is answered 503: running without it could run a request twice."""
         try:
             found = await self.store.get(key)
         except Exception:
             logger.warning("idempotency store read failed", exc_info=True)
             await send_rejection(send, STORE_UNAVAILABLE)
-            return
-        if found is not None:
-            if found.fingerprint != request_fingerprint:
-                await send_rejection(send, KEY_REUSED)
-            elif found.body is None:
-                await send_rejection(send, NOT_KEPT)
-            else:
-                await _replay(send, found)
-            return
+            return True
+        if found is None:
+            return False
+        if found.fingerprint != request_fingerprint:
+            await send_rejection(send, KEY_REUSED)
+        elif found.body is None:
+            await send_rejection(send, NOT_KEPT)
+        else:
+            await _replay(send, found)
+        return True
+
+    async def _run(
+        self, scope: Scope, receive: Receive, send: Send, key: str, request_fingerprint: str
+    ) -> None:
+        """Holding the key, nothing stored: run the app, keeping its response as it is sent."""
         capture = _Capture(send, self.max_response_body, self._strip)
         try:
             await self.app(scope, receive, capture)
