@@ -93,7 +93,8 @@ async def test_duplicate_in_flight_gets_409_with_retry_after() -> None:
 
         tg.start_soon(first)
         await charges.entered.wait()  # the first is inside the endpoint, its key held
-        duplicate = await http.post("/charge", headers=KEY, content=b"a")
+        with anyio.fail_after(10):  # a second run would park at the gate: fail, not hang
+            duplicate = await http.post("/charge", headers=KEY, content=b"a")
         assert duplicate.status_code == 409
         assert int(duplicate.headers["retry-after"]) >= 1
         assert duplicate.headers["content-type"] == "application/json"
@@ -408,3 +409,43 @@ def test_codec_round_trip() -> None:
     ):
         assert decode(encode(response)) == response
     assert json.loads(encode(StoredResponse("f", 200, (), b"")).split(b"\n")[0])["s"] == 200
+
+
+class StaleReadStore(MemoryStore):
+    """A store whose next read is taken at once but answered only when `release` is set: the
+    reader acts on what the store held before, as a slow network read would."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.parked = anyio.Event()
+        self.release: anyio.Event | None = None
+
+    async def get(self, key: str) -> StoredResponse | None:
+        found = await super().get(key)
+        release, self.release = self.release, None
+        if release is not None:
+            self.parked.set()
+            await release.wait()
+        return found
+
+
+async def test_key_completed_between_the_first_look_and_the_lock_is_replayed() -> None:
+    """B reads "nothing stored", then A runs and completes, then B takes the free key: B must
+    look again under the lock and replay A's response, not run a second time."""
+    charges, store = Charges(), StaleReadStore()
+    app = make_app(charges, store=store)
+    store.release = release = anyio.Event()
+    results: dict[str, Any] = {}
+    async with client(app) as http, anyio.create_task_group() as tg:
+
+        async def post(name: str) -> None:
+            results[name] = await http.post("/charge", headers=KEY, content=b"a")
+
+        tg.start_soon(post, "b")
+        await store.parked.wait()  # B's first look read an empty store
+        await post("a")
+        release.set()
+    assert results["a"].status_code == 201
+    assert results["b"].headers["idempotent-replayed"] == "true"
+    assert results["b"].content == results["a"].content
+    assert len(charges.runs) == 1
