@@ -195,3 +195,10 @@ async def test_runner_and_its_successor_cancelled_third_caller_runs() -> None:
         scopes["b"].cancel()
     assert ran == ["a", "b", "c"]
     assert results == {"c": "by c", "d": "by c"}
+
+
+async def test_the_docs_single_flight_example() -> None:
+    from docs.examples import single_flight
+
+    single_flight.queries.clear()
+    assert await single_flight.ten_pages() == (10, 1)
