@@ -40,7 +40,6 @@ logger = logging.getLogger("keyedlock_asgi.idempotency")
 OnMissingKey = Literal["pass", "reject"]
 REPLAYED = (b"idempotent-replayed", b"true")
 LOCK_PREFIX = "idempotency:"
-_STORE_WRITE_LIMIT = 10.0  # seconds a store write may take once the response is complete
 
 
 def fingerprint(scope: Scope, body: bytes) -> str:
@@ -229,17 +228,16 @@ class IdempotencyMiddleware:
                 await self._keep(key, stored)
 
     async def _keep(self, key: str, stored: StoredResponse) -> None:
-        # Shielded: once the app answered, a cancellation must not turn a retry into a 2nd run.
-        with anyio.CancelScope(shield=True) as scope:
-            scope.deadline = anyio.current_time() + _STORE_WRITE_LIMIT
+        # Shielded: once the app answered, a cancellation must not turn a retry into a second
+        # run. The store's own timeouts bound the write (redis-py's socket_timeout, asyncpg's
+        # command_timeout).
+        with anyio.CancelScope(shield=True):
             try:
                 await self.store.put(key, stored, self.ttl)
             except Exception:
                 logger.error(
                     "idempotency store write failed: a retry will run again", exc_info=True
                 )
-        if scope.cancelled_caught:
-            logger.error("idempotency store write timed out: a retry will run again")
 
 
 def _replay_body(body: bytes, receive: Receive) -> Receive:

@@ -36,6 +36,7 @@ class PostgresStore:
         namespace: str = "keyedlock",
         pool_size: int = 4,
         cleanup_batch: int = 100,
+        command_timeout: float = 5.0,
         **connect_options: Any,
     ) -> None:
         if not _IDENTIFIER.fullmatch(table):
@@ -49,7 +50,7 @@ class PostgresStore:
         self.namespace = namespace
         self.pool_size = pool_size
         self.cleanup_batch = cleanup_batch
-        self._connect_options = connect_options
+        self._connect_options = {"command_timeout": command_timeout, **connect_options}
         self._pool: tuple[asyncio.AbstractEventLoop, asyncio.Task[Any]] | None = None
         self._get_sql = f"SELECT entry FROM {table} WHERE key = $1 AND expires_at > now()"
         self._cleanup_sql = (
