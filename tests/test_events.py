@@ -86,12 +86,15 @@ async def test_rejections_carry_their_cause(make_lock: MakeLock) -> None:
     inside, leave = anyio.Event(), anyio.Event()
     results: dict[str, BaseException] = {}
 
+    async def fail_holding() -> None:
+        async with lock.hold("k", on_error="stop"):
+            inside.set()
+            await leave.wait()
+            raise RuntimeError("holder failed")
+
     async def holder() -> None:
         with pytest.raises(RuntimeError):
-            async with lock.hold("k", on_error="stop"):
-                inside.set()
-                await leave.wait()
-                raise RuntimeError("holder failed")
+            await fail_holding()
 
     async def attempt(name: str, **options: object) -> None:
         try:
