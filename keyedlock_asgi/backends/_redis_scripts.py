@@ -21,8 +21,9 @@ which only that waiter's process listens to (tokens are `"<process id>|<n>"`, pl
 shared). The publishing command is an argument: PUBLISH, or SPUBLISH on Redis Cluster, where
 the channel prefix carries a hash tag of the lock key's slot (a script stays in one slot). The
 waiter then holds the key without another round trip and renews the claim to a full lease.
-Whatever happens to the message, the grant stands: the waiter's next ACQUIRE finds "already ours", its RELEASE (on
-timeout or cancellation) passes the key on, and if its process died the claim simply ends.
+Whatever happens to the message, the grant stands: the waiter's next ACQUIRE finds "already
+ours", its RELEASE (on timeout or cancellation) passes the key on, and if its process died the
+claim simply ends.
 Time always comes from the server (`TIME`), never from the clients, whose clocks may disagree.
 """
 
