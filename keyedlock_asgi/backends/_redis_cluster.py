@@ -104,12 +104,15 @@ class ShardWakeups:
     def prefix_for(self, redis_key: str) -> str:
         return channel_prefix(self.namespace, key_slot(redis_key.encode()))
 
+    def listening(self, redis_key: str) -> bool:
+        """Whether this process's channel in `redis_key`'s slot is subscribed on its owner."""
+        channel = self.prefix_for(redis_key) + self.proc_id
+        node = self.cluster.get_node_from_key(channel)
+        return node is not None and self._where.get(channel) == node.name
+
     async def listen(self, redis_key: str, limit: float = 5.0) -> None:
         """Be subscribed (confirmed) to this process's channel in `redis_key`'s slot."""
         channel = self.prefix_for(redis_key) + self.proc_id
-        node = self._node(channel)
-        if self._where.get(channel) == node.name:
-            return
         async with self._lock:
             node = self._node(channel)
             old = self._where.get(channel)

@@ -541,7 +541,7 @@ class RedisBackend:
         keys = self.redis_keys(key)
         deadline = None if timeout is None else loop.time() + timeout
         may_wait = "0" if timeout == 0 else "1"
-        if conn.shards is not None and may_wait == "1":
+        if conn.shards is not None and may_wait == "1" and not conn.shards.listening(keys[0]):
             await self._listen(conn, keys)
         args: list[Any] = [
             token,
