@@ -20,7 +20,7 @@ import pytest
 import redis.asyncio as aioredis
 from redis.crc import key_slot
 
-from keyedlock_asgi import KeyedLock
+from keyedlock_asgi import BackendUnavailable, KeyedLock
 from keyedlock_asgi.backends.redis import RedisBackend
 from tests.support.engine_redis import REDIS_URL, redis_cluster, require_redis
 from tests.support.redis_cluster import RedisClusterProcesses
@@ -235,3 +235,43 @@ async def test_a_master_killed_and_restarted_under_traffic(
         assert tokens == sorted(tokens)
         assert len(set(tokens)) == len(tokens)
         assert int(await raw.get(f"{namespace}:balance:{user}")) == -ok_by_user[user]
+
+
+async def test_a_dead_shard_opens_only_its_own_breaker(
+    own_cluster: RedisClusterProcesses, namespace: str
+) -> None:
+    """Calls for a key on a killed master fail, then fail fast (its breaker opens) while
+    calls for keys on the live masters, interleaved with them, keep being granted; after the
+    restart, the key is served again with a larger fence."""
+    placed = users_by_node(own_cluster, namespace, 1)
+    victim_port = own_cluster.ports[1]
+    (victim,) = placed[victim_port]
+    others = [user for port, users in placed.items() if port != victim_port for user in users]
+    backend = RedisBackend.from_url(own_cluster.url, cluster=True, namespace=namespace)
+    try:
+        lease = await backend.acquire(victim, timeout=1, max_concurrency=1)
+        first = lease.token
+        await lease.release()
+        own_cluster.kill(victim_port)
+        errors: list[str] = []
+        for _ in range(6):
+            with pytest.raises(BackendUnavailable) as caught:
+                await backend.acquire(victim, timeout=1, max_concurrency=1)
+            assert caught.value.retry_after is not None
+            errors.append(str(caught.value))
+            for user in others:
+                lease = await backend.acquire(user, timeout=1, max_concurrency=1)
+                await lease.release()
+        assert "circuit open" in errors[-1]
+        own_cluster.restart(victim_port)
+        with anyio.fail_after(30):
+            while True:
+                try:
+                    lease = await backend.acquire(victim, timeout=1, max_concurrency=1)
+                    break
+                except BackendUnavailable as exc:
+                    await anyio.sleep(exc.retry_after or 0.1)
+        assert lease.token > first
+        await lease.release()
+    finally:
+        await backend.aclose()
