@@ -9,6 +9,7 @@ checks read. The core semantic suite and the shared-hold tests run on the cluste
 
 from __future__ import annotations
 
+import importlib
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
@@ -22,9 +23,8 @@ from redis.crc import key_slot
 
 from keyedlock_asgi import BackendUnavailable, KeyedLock
 from keyedlock_asgi.backends.redis import RedisBackend
-from tests.support.engine_redis import REDIS_URL, redis_cluster, require_redis
+from tests.support.engine_redis import REDIS_URL, redis_cluster, require_cluster, require_redis
 from tests.support.redis_cluster import RedisClusterProcesses
-from tests.support.redis_cluster import missing as cluster_missing
 from tests.support.server import uvicorn_server, uvicorn_servers
 from tests.test_backends_redis_e2e import assert_no_same_key_overlap, read_log
 
@@ -158,11 +158,7 @@ async def test_checkout_across_four_workers_on_the_cluster(
 @pytest.fixture
 def own_cluster() -> Iterator[RedisClusterProcesses]:
     """A cluster of this test's own, whose masters it may kill."""
-    problem = cluster_missing()
-    if problem is not None:
-        from tests.conftest import service_missing
-
-        service_missing("Redis Cluster", problem)
+    require_cluster()
     cluster = RedisClusterProcesses(first_port=7130).start()
     yield cluster
     cluster.stop()
@@ -275,3 +271,37 @@ async def test_a_dead_shard_opens_only_its_own_breaker(
         await lease.release()
     finally:
         await backend.aclose()
+
+
+async def test_docs_cluster_example(
+    redis_cluster: RedisClusterProcesses, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """docs/examples/redis_cluster.py: charges for users on all three shards, and the
+    client-you-built form."""
+    monkeypatch.setenv("REDIS_CLUSTER_URL", redis_cluster.url)
+    example = importlib.reload(importlib.import_module("docs.examples.redis_cluster"))
+    users: dict[int, str] = {}
+    i = 0
+    while len(users) < 3:
+        slot = key_slot(f"{{shop:user:u{i}}}".encode())
+        users.setdefault(redis_cluster.node_of_slot(slot), f"u{i}")
+        i += 1
+    try:
+        tokens = [await example.charge(user) for user in users.values()]
+        again = await example.charge(users[redis_cluster.ports[0]])
+    finally:
+        await example.lock.aclose()
+    assert all(token > 0 for token in tokens)
+    assert again > tokens[list(users).index(redis_cluster.ports[0])]
+    placed = await keys_by_node(redis_cluster, "shop")
+    for port, user in users.items():
+        assert f"{{shop:user:{user}}}:m" in placed[port]
+    given = example.client(redis_cluster.url)
+    backend = RedisBackend(given, namespace="shop")
+    try:
+        lease = await backend.acquire("user:u0", timeout=1, max_concurrency=1)
+        assert lease.token > 0
+        await lease.release()
+    finally:
+        await backend.aclose()
+        await given.aclose()

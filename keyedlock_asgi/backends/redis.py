@@ -54,6 +54,18 @@ except ImportError as exc:  # pragma: no cover - depends on the installed extras
 
 Client = aioredis.Redis | RedisCluster
 
+_CLUSTER_NEEDS = (
+    "RedisBackend on Redis Cluster needs redis-py >= 8.0 (sharded pub/sub in redis.asyncio); "
+    "pip install -U 'redis>=8'"
+)
+
+
+def _check_cluster_support() -> None:
+    """Refuse a cluster client up front when redis-py cannot SSUBSCRIBE from asyncio."""
+    if not hasattr(aioredis.client.PubSub, "ssubscribe"):
+        raise RuntimeError(_CLUSTER_NEEDS)
+
+
 __all__ = ["LeaseLost", "RedisBackend", "RedisLease"]
 
 logger = logging.getLogger("keyedlock_asgi.redis")
@@ -413,6 +425,8 @@ class RedisBackend:
             raise ValueError("key_ttl must be at least one hour")
         if breaker_threshold < 1 or not breaker_cooldown > 0:
             raise ValueError("breaker_threshold must be >= 1 and breaker_cooldown > 0")
+        if isinstance(client, RedisCluster):
+            _check_cluster_support()
         if isinstance(client, (aioredis.Redis, RedisCluster)):
             given = client
             self._client_factory: Callable[[], Client] = lambda: given
@@ -470,6 +484,8 @@ class RedisBackend:
         """
         if max_connections < 2:
             raise ValueError("max_connections must be at least 2 (one is the pub/sub reader)")
+        if cluster:
+            _check_cluster_support()
         urls = [url] if isinstance(url, str) else list(url)
         if not urls or (len(urls) > 1 and not cluster):
             raise ValueError("url: one URL, or a list of startup nodes with cluster=True")
