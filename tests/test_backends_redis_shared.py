@@ -20,6 +20,7 @@ import anyio.lowlevel
 import pytest
 
 from keyedlock_asgi import LockTimeout
+from keyedlock_asgi.backends import _redis_scripts
 from keyedlock_asgi.backends.redis import RedisBackend, RedisLease
 from tests.support.engine_redis import RedisTarget, redis_cluster, redis_target
 from tests.support.lockwatch import Timeline
@@ -93,6 +94,7 @@ class Room:
         self.tokens: dict[str, int] = {}
         self.procs: dict[str, str] = {}  # process id -> participant
         self.conns: dict[str, Any] = {}  # participant -> its backend's connection
+        self.scripts: dict[str, list[str]] = {}  # participant -> the scripts it ran, in order
         self.entered: dict[str, anyio.Event] = {}
         self.leave: dict[str, anyio.Event] = {}
         self.done: dict[str, anyio.Event] = {}
@@ -108,6 +110,14 @@ class Room:
         conn = await backend._connection()
         self.procs[conn.proc_id] = who
         self.conns[who] = conn
+        self.scripts[who] = log = []
+        run = backend._run
+
+        async def logged(script: Any, keys: list[str], args: list[Any], conn: Any) -> Any:
+            log.append(_script_name(script))
+            return await run(script, keys, args, conn)
+
+        backend._run = logged  # type: ignore[method-assign]
         self.keys = backend.redis_keys(KEY)
         for events in (self.entered, self.leave, self.done):
             events[who] = anyio.Event()
@@ -162,6 +172,13 @@ class Room:
                 await self.entered[name].wait()
 
 
+def _script_name(script: Any) -> str:
+    for name in ("ACQUIRE", "RELEASE", "EXTEND"):
+        if script.script == getattr(_redis_scripts, name):
+            return name.lower()
+    raise AssertionError("unknown script")
+
+
 def check_exclusion(timeline: Timeline) -> None:
     """Writers (W*) never inside with anyone; readers (R*) only with readers."""
     inside: set[str] = set()
@@ -185,7 +202,10 @@ async def test_runs_of_readers_share_and_arrival_order_holds_across_modes(
     async with anyio.create_task_group() as tg:
         await room.join(tg, "W0")
         await room.inside("W0")
-        for who in ("R1", "R2", "W3", "R4", "R5", "W6"):
+        # R1 and R2 never ask again by themselves (heartbeat 30 s): only a hand-off wakes them.
+        await room.join(tg, "R1", heartbeat=30.0)
+        await room.join(tg, "R2", heartbeat=30.0)
+        for who in ("W3", "R4", "R5", "W6"):
             await room.join(tg, who)
         assert await room.queue() == ["R1", "R2", "W3", "R4", "R5", "W6"]
 
@@ -211,6 +231,8 @@ async def test_runs_of_readers_share_and_arrival_order_holds_across_modes(
         await room.let_out("R7")
 
     check_exclusion(room.timeline)
+    # Each reader of the run was handed the key directly: one ACQUIRE (queued), one RELEASE.
+    assert room.scripts["R1"] == room.scripts["R2"] == ["acquire", "release"]
     assert room.timeline.overlapped("R1", "R2")
     assert room.timeline.overlapped("R4", "R5")
     stages = [["W0"], ["R1", "R2"], ["W3"], ["R4", "R5"], ["W6"], ["R7"]]
