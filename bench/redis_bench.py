@@ -219,8 +219,19 @@ def cluster_rows(reps: int) -> None:
     cluster = RedisClusterProcesses(first_port=7180).start()
     (port,) = _free_ports(1, 7190)
     single = subprocess.Popen(
-        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", ""]
-        + ["--appendonly", "no", "--loglevel", "warning"],
+        [
+            "redis-server",
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--loglevel",
+            "warning",
+        ],
         stdout=subprocess.DEVNULL,
     )
     try:
