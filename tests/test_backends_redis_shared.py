@@ -19,7 +19,7 @@ import anyio
 import anyio.lowlevel
 import pytest
 
-from keyedlock_asgi import LockTimeout
+from keyedlock_asgi import KeyedLock, LockTimeout
 from keyedlock_asgi.backends import _redis_scripts
 from keyedlock_asgi.backends.redis import RedisBackend, RedisLease
 from tests.support.engine_redis import RedisTarget, redis_cluster, redis_target
@@ -394,3 +394,59 @@ async def test_readers_and_writers_mixed_across_processes_never_break_exclusion(
     check_exclusion(timeline)
     assert len(fences) == 4 * 3 * 12 == len(set(fences))
     assert await leftovers(target, namespace) == []
+
+
+async def test_keyedlock_shared_holds_across_processes(
+    make_backend: Callable[..., RedisBackend], raw: Any, target: RedisTarget, namespace: str
+) -> None:
+    """Through `KeyedLock.hold(..., shared=True)`: two readers in two processes and a second
+    reader in the first process are inside together; a writer in a third process, queued
+    while they hold, enters only after all of them left; a reader arriving after the writer
+    waits for it."""
+    a, b, c = (KeyedLock(backend=make_backend()) for _ in range(3))
+    timeline = Timeline()
+    inside = {name: anyio.Event() for name in ("Ra1", "Ra2", "Rb", "W", "Rlate")}
+    leave = anyio.Event()
+    keys = make_backend().redis_keys(KEY)
+
+    async def reader(lock: KeyedLock, name: str) -> None:
+        async with lock.hold(KEY, shared=True) as held:
+            assert held.shared
+            timeline.enter(KEY, name)
+            inside[name].set()
+            if name != "Rlate":
+                await leave.wait()
+            timeline.leave(KEY, name)
+
+    async def writer() -> None:
+        async with c.hold(KEY) as held:
+            assert not held.shared
+            timeline.enter(KEY, "W")
+            inside["W"].set()
+            timeline.leave(KEY, "W")
+
+    try:
+        async with anyio.create_task_group() as tg:
+            for lock, name in ((a, "Ra1"), (b, "Rb"), (a, "Ra2")):
+                tg.start_soon(reader, lock, name)
+            with anyio.fail_after(10):
+                for name in ("Ra1", "Rb", "Ra2"):
+                    await inside[name].wait()  # all three inside: none has left
+            tg.start_soon(writer)
+            await wait_for(lambda: _queued(raw, keys, 1))
+            tg.start_soon(reader, b, "Rlate")
+            await wait_for(lambda: _queued(raw, keys, 2))
+            assert not inside["W"].is_set()
+            leave.set()
+    finally:
+        for lock in (a, b, c):
+            await lock.aclose()
+    check_exclusion(timeline)
+    entries = timeline.entries(KEY)
+    assert sorted(entries[:3]) == ["Ra1", "Ra2", "Rb"]
+    assert entries[3:] == ["W", "Rlate"]
+    assert await leftovers(target, namespace) == []
+
+
+async def _queued(raw: Any, keys: list[str], count: int) -> bool:
+    return bool(await raw.zcard(keys[1]) == count)
