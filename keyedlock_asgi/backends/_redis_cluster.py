@@ -107,7 +107,10 @@ class ShardWakeups:
     def listening(self, redis_key: str) -> bool:
         """Whether this process's channel in `redis_key`'s slot is subscribed on its owner."""
         channel = self.prefix_for(redis_key) + self.proc_id
-        node = self.cluster.get_node_from_key(channel)
+        try:
+            node = self.cluster.get_node_from_key(channel)
+        except redis_errors.RedisError:  # no node known for the slot: `listen` will say so
+            return False
         return node is not None and self._where.get(channel) == node.name
 
     async def listen(self, redis_key: str, limit: float = 5.0) -> None:

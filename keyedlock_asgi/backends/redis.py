@@ -19,6 +19,10 @@ How one grant works (see `_redis_scripts` for the atomic steps):
 - RELEASE (also used to leave the queue) removes the token and hands the key on; it runs
   shielded from cancellation.
 - A circuit breaker turns a dead Redis into fast `BackendUnavailable` errors with `retry_after`.
+- Shared holds: the mode travels in the token; the scripts grant runs of shared waiters (see
+  `_redis_scripts`).
+- Redis Cluster (a `RedisCluster` client, redis-py >= 8.0): every key of one lock key is in one
+  slot; wake-ups use sharded pub/sub (`_redis_cluster`), and each master has its own breaker.
 
 redis-py's asyncio client is asyncio-only: this backend refuses to run under trio.
 """
@@ -217,7 +221,10 @@ class _Connection:
         if self.shards is None:
             return self.breaker
         assert isinstance(self.client, RedisCluster)
-        node = self.client.get_node_from_key(keys[0])
+        try:
+            node = self.client.get_node_from_key(keys[0])
+        except redis_errors.RedisError:  # no node known for the slot (the map is being rebuilt)
+            node = None
         name = "" if node is None else node.name
         breaker = self.breakers.get(name)
         if breaker is None:
@@ -489,7 +496,9 @@ class RedisBackend:
         urls = [url] if isinstance(url, str) else list(url)
         if not urls or (len(urls) > 1 and not cluster):
             raise ValueError("url: one URL, or a list of startup nodes with cluster=True")
-        retry = Retry(ExponentialBackoff(cap=0.1, base=0.01), retries)
+
+        def retry() -> Retry:
+            return Retry(ExponentialBackoff(cap=0.1, base=0.01), retries)
 
         def make_cluster() -> RedisCluster:
             nodes = [urlsplit(one) for one in urls]
@@ -507,7 +516,7 @@ class RedisBackend:
                 max_connections=max_connections,
                 socket_timeout=socket_timeout,
                 socket_connect_timeout=connect_timeout,
-                retry=retry,
+                retry=retry(),
                 **redis_options,
             )
 
@@ -518,7 +527,7 @@ class RedisBackend:
                 timeout=pool_timeout,
                 socket_timeout=socket_timeout,
                 socket_connect_timeout=connect_timeout,
-                retry=retry,
+                retry=retry(),
                 retry_on_error=[redis_errors.ConnectionError, redis_errors.TimeoutError],
                 **redis_options,
             )
