@@ -123,7 +123,8 @@ class Room:
             events[who] = anyio.Event()
         scope = anyio.CancelScope()
         tg.start_soon(self._run, backend, who, timeout, scope)
-        await wait_for(lambda: self._known(conn.proc_id))
+        # (or already gone: a short timeout may end before this poll sees it queued)
+        await wait_for(lambda: self._known(conn.proc_id, who))
         return scope
 
     async def _run(
@@ -145,7 +146,9 @@ class Room:
         finally:
             self.done[who].set()
 
-    async def _known(self, proc: str) -> bool:
+    async def _known(self, proc: str, who: str) -> bool:
+        if self.done[who].is_set():
+            return True
         members = await self.raw.zrange(self.keys[0], 0, -1) + await self.raw.zrange(
             self.keys[1], 0, -1
         )
