@@ -226,9 +226,7 @@ class Held:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if getattr(self, "_state", None) is None:
-            raise RuntimeError("this hold is not held")
-        if self._lock._backend is not None:
+        if self._lock._backend is not None and getattr(self, "_state", None) is not None:
             await _release_leases(self._leases)
         self._release(exc)
 
