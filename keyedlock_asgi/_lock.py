@@ -54,6 +54,7 @@ OnBackendError = Literal["closed", "open"]
 logger = logging.getLogger("keyedlock_asgi")
 
 _current_asyncio_task = _runtime.current_asyncio_task
+_running_loop = _runtime.running_asyncio_loop
 
 
 @dataclass(frozen=True)
@@ -195,21 +196,21 @@ class Held:
         return dict(zip(self.keys, tokens, strict=True))
 
     def __repr__(self) -> str:
-        status = "held" if getattr(self, "_state", None) is not None else "not held"
+        status = "held" if self._state is not None else "not held"
         mode = " shared" if self._options.shared else ""
         return f"<Held keys={self.keys!r}{mode} {status} token={self.token}>"
 
     async def __aenter__(self) -> Held:
+        waiting = self._try_enter()
+        if waiting is None:
+            return self
+        state, queue = waiting
         lock = self._lock
-        state, self._task = lock._current()
-        key = self._key
         try:
-            if type(key) is not str or lock._backend is not None:
+            if queue is None:
                 await self._acquire_all(state)
             else:
-                queue = enter(state.keys, key, self, lock._max_concurrency, state.wake)
-                if queue is not None:
-                    await self._wait(state, key, queue, self._options.timeout)
+                await self._wait(state, self._key, queue, self._options.timeout)  # type: ignore[arg-type]
                 self._token = next(lock._fence)
         except BaseException as error:
             if lock._observers and not isinstance(error, LockReentryError):
@@ -226,38 +227,42 @@ class Held:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if self._lock._backend is not None and getattr(self, "_state", None) is not None:
+        if self._lock._backend is not None and self._state is not None:
             await _release_leases(self._leases)
         self._release(exc)
 
-    def _enter_now(self) -> bool:
-        """Enter without waiting if that is possible (one key, in-process, grantable now).
-
-        False, with nothing changed, when `__aenter__` would have to wait (or talk to a
-        backend); raises what `__aenter__` would raise at once (busy, queue full, re-entry).
-        Lets the ASGI layers start their disconnect watcher only for requests that queue.
-        """
+    def _try_enter(self) -> tuple[_LoopState, KeyState | None] | None:
+        """Enter now if that is possible: None, and the hold is granted. Otherwise, with
+        nothing granted, the loop's state and the queue to wait in (no queue: several keys or
+        a backend, which `__aenter__` then takes one by one). Raises what entering raises at
+        once (re-entry, busy, queue full). The one synchronous way in: `__aenter__` and the
+        ASGI layers (which start a disconnect watcher only for requests that must wait)."""
         lock = self._lock
+        state, self._task = lock._current()
         key = self._key
         if type(key) is not str or lock._backend is not None:
-            return False
-        state, self._task = lock._current()
+            return state, None
         table = state.keys
         if key in table:
             try:
-                if enter(table, key, self, lock._max_concurrency, state.wake) is not None:
-                    return False
+                queue = enter(table, key, self, lock._max_concurrency, state.wake)
             except (LockBusy, QueueFull) as error:
                 if lock._observers:
                     lock._rejected(self, error)
                 raise
-        else:  # `enter`'s first case, inline: the ASGI layers' hot path
+            if queue is not None:
+                return state, queue
+        else:  # `enter`'s first rule, inline (the hot path): a key with no entry is granted
             table[key] = self
         self._token = next(lock._fence)
         self._state = state
         if lock._observers:
             lock._granted(self)
-        return True
+        return None
+
+    def _enter_now(self) -> bool:
+        """`_try_enter` for the ASGI layers: whether the hold was granted without waiting."""
+        return self._try_enter() is None
 
     def _release(self, error: BaseException | None) -> None:
         """Give every key back (the in-process part of leaving): the one release path.
@@ -265,7 +270,7 @@ class Held:
         `error`: the exception leaving the block, if any (`on_error="stop"` aborts the queue).
         Synchronous, so the ASGI layers release without awaiting after a normal end.
         """
-        state = getattr(self, "_state", None)
+        state = self._state
         if state is None:
             raise RuntimeError("this hold is not held")
         self._state = None
@@ -559,6 +564,7 @@ class KeyedLock:
         held = Held()
         held._lock = self
         held._options = options
+        held._state = None
         held.context = None
         if more_keys or type(key) is not str:
             held._key = self._key_set(key, more_keys)
@@ -654,12 +660,12 @@ class KeyedLock:
     def _current(self) -> tuple[_LoopState, object]:
         """The current event loop's key table and the current task (public APIs only)."""
         try:
-            task = _current_asyncio_task()
+            loop = _running_loop()
         except RuntimeError:  # no asyncio loop in this thread: trio, or none at all
             return self._current_trio()
+        task = _current_asyncio_task(loop)
         if task is None:
             raise RuntimeError("KeyedLock must be used from a task on an asyncio or trio loop")
-        loop = task.get_loop()
         cached_loop, state = self._cache
         if cached_loop is loop and state is not None:
             return state, task
@@ -700,12 +706,12 @@ class KeyedLock:
     def _granted(self, held: Held) -> None:
         held._granted_at = perf_counter()
         waited = held.waited
-        queued = hasattr(held, "_waited")
+        queued = hasattr(held, "_signal")  # it parked in the queue (`_wait`)
         notify(self._observers, LockEvent("granted", held, "acquired", queued, waited))
 
     def _rejected(self, held: Held, error: BaseException) -> None:
         outcome = _rejection_outcome(error)
-        queued = hasattr(held, "_waited")
+        queued = hasattr(held, "_signal")  # it parked in the queue (`_wait`)
         notify(
             self._observers,
             LockEvent("rejected", held, outcome, queued, held.waited, error=error),
@@ -714,7 +720,7 @@ class KeyedLock:
     def _released(self, held: Held, error: BaseException | None) -> None:
         held_for = perf_counter() - getattr(held, "_granted_at", perf_counter())
         outcome: Outcome = "normal" if error is None else "error"
-        queued = hasattr(held, "_waited")
+        queued = hasattr(held, "_signal")  # it parked in the queue (`_wait`)
         event = LockEvent("released", held, outcome, queued, held.waited, held_for, error)
         notify(self._observers, event)
 
