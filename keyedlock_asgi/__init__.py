@@ -3,9 +3,11 @@
 from . import keys
 from ._errors import (
     BackendUnavailable,
+    HoldExpired,
     KeyedLockError,
     LockAborted,
     LockBusy,
+    LockClosed,
     LockReentryError,
     LockTimeout,
     QueueFull,
@@ -26,6 +28,7 @@ __all__ = [
     "BackendUnavailable",
     "BusyResponse",
     "Held",
+    "HoldExpired",
     "HoldOptions",
     "IdempotencyMiddleware",
     "KeyedLock",
@@ -33,6 +36,7 @@ __all__ = [
     "KeyedLockMiddleware",
     "LockAborted",
     "LockBusy",
+    "LockClosed",
     "LockDefault",
     "LockEvent",
     "LockObserver",

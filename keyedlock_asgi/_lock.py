@@ -32,8 +32,10 @@ from . import _runtime
 from ._coalesce import coalesce as _coalesce
 from ._errors import (
     BackendUnavailable,
+    HoldExpired,
     LockAborted,
     LockBusy,
+    LockClosed,
     LockReentryError,
     LockTimeout,
     QueueFull,
@@ -109,6 +111,8 @@ def _rejection_outcome(error: BaseException) -> Outcome:
         return "aborted"
     if isinstance(error, BackendUnavailable):
         return "backend_unavailable"
+    if isinstance(error, LockClosed):
+        return "closed"
     return "canceled"
 
 
@@ -124,6 +128,7 @@ class Held:
         "_granted_at",
         "_key",
         "_leases",
+        "_limit",
         "_lock",
         "_options",
         "_outcome",
@@ -147,6 +152,7 @@ class Held:
     _waited: float
     _granted_at: float  # perf_counter() at the grant, when observers are attached
     _leases: list[BackendLease | None]  # with a backend: the engine's holds
+    _limit: anyio.CancelScope | None  # with `max_hold`: the scope that revokes the hold
     _signal: Any  # while queued: the future or trio.Event it parks on
     _outcome: object  # while queued: None, GRANTED, or the aborting holder's exception
     context: Any
@@ -201,10 +207,22 @@ class Held:
         return f"<Held keys={self.keys!r}{mode} {status} token={self.token}>"
 
     async def __aenter__(self) -> Held:
+        waiting = self._try_enter()  # `_acquire`, spelled out: this is the hot path
+        if waiting is not None:
+            await self._enter_waiting(*waiting)
+        if self._options.max_hold is not None:
+            self._start_limit()
+        return self
+
+    async def _acquire(self) -> None:
+        """`__aenter__` without starting `max_hold`'s limit: for a caller that waits inside a
+        task group of its own and enters the limit after leaving it (the middleware)."""
         waiting = self._try_enter()
-        if waiting is None:
-            return self
-        state, queue = waiting
+        if waiting is not None:
+            await self._enter_waiting(*waiting)
+
+    async def _enter_waiting(self, state: _LoopState, queue: KeyState | None) -> None:
+        """`__aenter__` when `_try_enter` could not grant at once: wait, or take each key."""
         lock = self._lock
         try:
             if queue is None:
@@ -219,7 +237,15 @@ class Held:
         self._state = state
         if lock._observers:
             lock._granted(self)
-        return self
+
+    def _start_limit(self) -> None:
+        """`max_hold`: cancel the block that holds this once the hold is that old. Entered
+        by the task that runs the block, right after the grant; `_release` leaves it."""
+        assert self._options.max_hold is not None
+        limit = self._limit = anyio.CancelScope(
+            deadline=anyio.current_time() + self._options.max_hold
+        )
+        limit.__enter__()
 
     async def __aexit__(
         self,
@@ -229,7 +255,8 @@ class Held:
     ) -> None:
         if self._lock._backend is not None and self._state is not None:
             await _release_leases(self._leases)
-        self._release(exc)
+        if self._release(exc):
+            raise HoldExpired(f"the hold outlived max_hold ({self._options.max_hold:g} s)")
 
     def _try_enter(self) -> tuple[_LoopState, KeyState | None] | None:
         """Enter now if that is possible: None, and the hold is granted. Otherwise, with
@@ -240,7 +267,7 @@ class Held:
         lock = self._lock
         state, self._task = lock._current()
         key = self._key
-        if type(key) is not str or lock._backend is not None:
+        if type(key) is not str or lock._backend is not None or lock._closed:
             return state, None
         table = state.keys
         if key in table:
@@ -264,16 +291,37 @@ class Held:
         """`_try_enter` for the ASGI layers: whether the hold was granted without waiting."""
         return self._try_enter() is None
 
-    def _release(self, error: BaseException | None) -> None:
+    def _release(self, error: BaseException | None) -> bool:
         """Give every key back (the in-process part of leaving): the one release path.
 
         `error`: the exception leaving the block, if any (`on_error="stop"` aborts the queue).
-        Synchronous, so the ASGI layers release without awaiting after a normal end.
+        Returns whether the hold had expired (`max_hold` cancelled its block). Synchronous, so
+        the ASGI layers release without awaiting after a normal end.
         """
         state = self._state
         if state is None:
             raise RuntimeError("this hold is not held")
         self._state = None
+        expired = False
+        limit = self._limit
+        if limit is not None:
+            self._limit = None
+            try:
+                if error is None:
+                    limit.__exit__(None, None, None)
+                else:
+                    limit.__exit__(type(error), error, error.__traceback__)
+                expired = limit.cancelled_caught
+            finally:
+                self._leave_all(state, None if expired else error)
+        else:
+            self._leave_all(state, error)
+        lock = self._lock
+        if lock._observers:
+            lock._released(self, error, expired)
+        return expired
+
+    def _leave_all(self, state: _LoopState, error: BaseException | None) -> None:
         key = self._key
         table = state.keys
         if error is not None and self._options.on_error == "stop":
@@ -285,9 +333,6 @@ class Held:
             del table[key]
         else:
             leave(table, key, self)
-        lock = self._lock
-        if lock._observers:
-            lock._released(self, error)
 
     @staticmethod
     def _abort_waiters(
@@ -343,6 +388,8 @@ class Held:
         """Several keys, or a backend: take every key in order, all or nothing."""
         lock = self._lock
         backend = lock._backend
+        if lock._closed:
+            raise LockClosed(f"the lock {lock.name!r} is closed: it takes no new holds")
         keys = (self._key,) if type(self._key) is str else self._key
         table = state.keys
         task = self._task
@@ -449,10 +496,11 @@ class KeyedLock:
         key_prefix: str = "",
         backend: LockBackend | None = None,
         on_backend_error: OnBackendError = "closed",
+        max_hold: float | None = None,
         name: str = "default",
         observers: Iterable[LockObserver] = (),
     ) -> None:
-        self._defaults = HoldOptions().resolve(timeout, max_waiting, on_error)
+        self._defaults = HoldOptions().resolve(timeout, max_waiting, on_error, False, max_hold)
         self._shared_defaults = self._defaults._replace(shared=True)
         if isinstance(max_concurrency, bool) or not isinstance(max_concurrency, int):
             raise TypeError("max_concurrency must be an int")
@@ -472,6 +520,7 @@ class KeyedLock:
         self._observers: tuple[LockObserver, ...] = ()
         for observer in observers:
             self.add_observer(observer)
+        self._closed = False
         self._fence = itertools.count(1)
         self._states: weakref.WeakKeyDictionary[object, _LoopState] = weakref.WeakKeyDictionary()
         # The event loop (asyncio loop or trio root task) seen last, and its state.
@@ -496,6 +545,16 @@ class KeyedLock:
     def defaults(self) -> HoldOptions:
         """The hold options every `hold()` starts from."""
         return self._defaults
+
+    @property
+    def max_hold(self) -> float | None:
+        """Default seconds a hold may stay open before it is revoked (None: unbounded)."""
+        return self._defaults.max_hold
+
+    @property
+    def closed(self) -> bool:
+        """Whether `drain()` or `aclose()` stopped the lock taking new holds."""
+        return self._closed
 
     @property
     def max_concurrency(self) -> int:
@@ -540,6 +599,7 @@ class KeyedLock:
         max_waiting: int | LockDefault | None = LOCK_DEFAULT,
         on_error: OnError | LockDefault = LOCK_DEFAULT,
         shared: bool | LockDefault = LOCK_DEFAULT,
+        max_hold: float | LockDefault | None = LOCK_DEFAULT,
     ) -> Held:
         """Hold one or more keys for the length of an `async with` block.
 
@@ -551,12 +611,13 @@ class KeyedLock:
             and max_waiting is LOCK_DEFAULT
             and on_error is LOCK_DEFAULT
             and (shared is LOCK_DEFAULT or shared is False)
+            and max_hold is LOCK_DEFAULT
         ):
             options = self._defaults  # the hot path: nothing to check
-        elif shared is True and timeout is max_waiting is on_error is LOCK_DEFAULT:
+        elif shared is True and timeout is max_waiting is on_error is max_hold is LOCK_DEFAULT:
             options = self._shared_defaults
         else:
-            options = self._defaults.resolve(timeout, max_waiting, on_error, shared)
+            options = self._defaults.resolve(timeout, max_waiting, on_error, shared, max_hold)
         return self._hold(key, more_keys, options)
 
     def _hold(self, key: str, more_keys: tuple[str, ...], options: HoldOptions) -> Held:
@@ -564,7 +625,7 @@ class KeyedLock:
         held = Held()
         held._lock = self
         held._options = options
-        held._state = None
+        held._state = held._limit = None
         held.context = None
         if more_keys or type(key) is not str:
             held._key = self._key_set(key, more_keys)
@@ -641,8 +702,40 @@ class KeyedLock:
         observers.remove(observer)
         self._observers = tuple(observers)
 
-    async def aclose(self) -> None:
-        """Close the backend's connections, if the lock has a backend."""
+    async def drain(self, timeout: float | None = None) -> None:
+        """Stop taking new holds (they raise `LockClosed`) and wait until nothing is held or
+        queued on the current event loop. Callers queued already keep their place.
+
+        Raises `TimeoutError` if that takes longer than `timeout` seconds (the lock stays
+        closed). For a graceful shutdown: drain, then let the server finish.
+        """
+        self._closed = True
+        state = self._current_state()
+        if state is None or not state.keys:
+            return
+        idle = anyio.Event()
+
+        def watch(event: LockEvent) -> None:
+            if not state.keys:
+                idle.set()
+
+        self.add_observer(watch)
+        try:
+            with anyio.fail_after(timeout):
+                await idle.wait()
+        finally:
+            self.remove_observer(watch)
+
+    async def aclose(self, timeout: float | None = None) -> None:
+        """`drain(timeout)`, then close the backend's connections, if the lock has a backend.
+
+        After `timeout` seconds the engine is closed anyway (with a warning): its holds still
+        open are released there, and their in-process holders find out when they leave.
+        """
+        try:
+            await self.drain(timeout)
+        except TimeoutError:
+            logger.warning("lock %r closed with holds still open (drain timed out)", self._name)
         if self._backend is not None:
             await self._backend.aclose()
 
@@ -717,9 +810,9 @@ class KeyedLock:
             LockEvent("rejected", held, outcome, queued, held.waited, error=error),
         )
 
-    def _released(self, held: Held, error: BaseException | None) -> None:
+    def _released(self, held: Held, error: BaseException | None, expired: bool) -> None:
         held_for = perf_counter() - getattr(held, "_granted_at", perf_counter())
-        outcome: Outcome = "normal" if error is None else "error"
+        outcome: Outcome = "expired" if expired else "normal" if error is None else "error"
         queued = hasattr(held, "_signal")  # it parked in the queue (`_wait`)
         event = LockEvent("released", held, outcome, queued, held.waited, held_for, error)
         notify(self._observers, event)
