@@ -49,7 +49,8 @@ async def test_a_hanging_holder_is_revoked_and_the_key_passes_on(make_lock: Make
         tg.start_soon(next_one)
     assert timeline.entries("k") == ["hanging", "next"]
     assert timeline.most["k"] == 1
-    assert len(outcome) == 1 and isinstance(outcome[0], HoldExpired)
+    assert len(outcome) == 1
+    assert isinstance(outcome[0], HoldExpired)
     released = [e.outcome for e in events if e.kind == "released"]
     assert released == ["expired", "normal"]
     assert lock.stats() == IDLE
@@ -77,7 +78,7 @@ async def test_an_outer_cancellation_is_not_an_expiry(make_lock: MakeLock) -> No
 
 
 def test_bad_max_hold_is_refused() -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="max_hold"):
         KeyedLock(max_hold=0)
     with pytest.raises(TypeError):
         KeyedLock().hold("k", max_hold="1")  # type: ignore[arg-type]
