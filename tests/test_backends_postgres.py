@@ -20,6 +20,7 @@ import pytest
 
 from keyedlock_asgi import BackendUnavailable, KeyedLock, LockBusy, LockTimeout
 from keyedlock_asgi.backends.postgres import LeaseLost, PostgresBackend, key_id
+from tests.support.engine_pgbouncer import ROUTES, routed_backend
 from tests.support.engine_postgres import PG_DSN, postgres_backend, require_postgres
 from tests.support.loop_thread import LoopThread
 from tests.support.server import free_port
@@ -66,11 +67,11 @@ async def until(condition: Any, what: str, limit: float = 10.0) -> None:
             await anyio.sleep(0.005)
 
 
-def pair(namespace: str, **options: Any) -> tuple[KeyedLock, KeyedLock]:
-    """Two locks on separate pools, as two processes would have."""
+def pair(namespace: str, mode: str = "session", **options: Any) -> tuple[KeyedLock, KeyedLock]:
+    """Two locks on separate pools, as two processes would have (`mode`: one of ROUTES)."""
     return (
-        KeyedLock(backend=postgres_backend(namespace, **options)),
-        KeyedLock(backend=postgres_backend(namespace, **options)),
+        KeyedLock(backend=routed_backend(mode, namespace, **options)),
+        KeyedLock(backend=routed_backend(mode, namespace, **options)),
     )
 
 
@@ -107,7 +108,7 @@ def test_rejects_bad_options() -> None:
 # -- exclusion and order ------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("mode", ["session", "transaction"])
+@pytest.mark.parametrize("mode", ROUTES)
 async def test_two_pools_never_overlap_and_tokens_increase(pg: Any, mode: str) -> None:
     namespace = new_namespace()
     locks = pair(namespace, mode=mode)
@@ -139,7 +140,7 @@ async def test_two_pools_never_overlap_and_tokens_increase(pg: Any, mode: str) -
     await close(*locks)
 
 
-@pytest.mark.parametrize("mode", ["session", "transaction"])
+@pytest.mark.parametrize("mode", ROUTES)
 async def test_busy_and_timeout_leave_nothing_queued(pg: Any, mode: str) -> None:
     namespace = new_namespace()
     a, b = pair(namespace, mode=mode)
@@ -182,7 +183,7 @@ async def test_cancelled_waiter_leaves_the_queue(pg: Any) -> None:
     await close(a, b)
 
 
-@pytest.mark.parametrize("mode", ["session", "transaction"])
+@pytest.mark.parametrize("mode", ROUTES)
 async def test_cancel_racing_the_grant_never_strands_the_key(pg: Any, mode: str) -> None:
     """The server grants b's wait, and b is cancelled before it reads the grant: the pool's
     reset (session mode) or rollback (transaction mode) must still give the key back.
@@ -191,8 +192,8 @@ async def test_cancel_racing_the_grant_never_strands_the_key(pg: Any, mode: str)
     made in the server (seen in `pg_locks`) and still unread when the cancellation lands.
     """
     namespace = new_namespace()
-    a = KeyedLock(backend=postgres_backend(namespace, mode=mode))
-    b = KeyedLock(backend=postgres_backend(namespace, mode=mode))  # used on b's loop only
+    a = KeyedLock(backend=routed_backend(mode, namespace))
+    b = KeyedLock(backend=routed_backend(mode, namespace))  # used on b's loop only
     entered: list[str] = []
     other = LoopThread()
 
@@ -291,7 +292,7 @@ async def test_terminated_holder_connection_hands_over_and_reports_lost(pg: Any)
     await close(a, b)
 
 
-@pytest.mark.parametrize("mode", ["session", "transaction"])
+@pytest.mark.parametrize("mode", ROUTES)
 async def test_frozen_holder_loses_the_key_after_the_lease(pg: Any, mode: str) -> None:
     """A holder whose event loop is stuck sends no heartbeat: the server ends its session
     after `lease`, the next holder gets a larger token, and the holder is told once it wakes."""
@@ -300,9 +301,9 @@ async def test_frozen_holder_loses_the_key_after_the_lease(pg: Any, mode: str) -
     lost: list[LeaseLost] = []
     frozen = LoopThread()
     a = KeyedLock(
-        backend=postgres_backend(namespace, mode=mode, lease=lease, on_lease_lost=lost.append)
+        backend=routed_backend(mode, namespace, lease=lease, on_lease_lost=lost.append)
     )  # used on the frozen loop only
-    b = KeyedLock(backend=postgres_backend(namespace, mode=mode, lease=lease))
+    b = KeyedLock(backend=routed_backend(mode, namespace, lease=lease))
     try:
         held = a.hold("k")
 

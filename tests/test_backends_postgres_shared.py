@@ -19,6 +19,7 @@ import pytest
 
 from keyedlock_asgi import LockBusy, LockTimeout
 from keyedlock_asgi.backends.postgres import PostgresBackend
+from tests.support.engine_pgbouncer import ROUTES, routed_backend
 from tests.support.engine_postgres import PG_DSN, postgres_backend, require_postgres
 from tests.support.lockwatch import Timeline
 
@@ -97,7 +98,7 @@ class Party:
         self.changed = anyio.Event()
 
     def start(self, who: str, timeout: float | None = None) -> None:
-        backend = postgres_backend(self.namespace, mode=self.mode)
+        backend = routed_backend(self.mode, self.namespace)
         self.backends.append(backend)
         self.leave[who], self.ended[who] = anyio.Event(), anyio.Event()
         self.scopes[who] = anyio.CancelScope()
@@ -169,7 +170,7 @@ class Party:
             await backend.aclose()
 
 
-@pytest.mark.parametrize("mode", ["session", "transaction"])
+@pytest.mark.parametrize("mode", ROUTES)
 async def test_readers_hold_together_and_a_writer_alone(pg: Any, mode: str) -> None:
     async with anyio.create_task_group() as tg:
         party = Party(tg, pg, mode)
@@ -197,7 +198,7 @@ async def test_readers_hold_together_and_a_writer_alone(pg: Any, mode: str) -> N
     await party.aclose()
 
 
-@pytest.mark.parametrize("mode", ["session", "transaction"])
+@pytest.mark.parametrize("mode", ROUTES)
 async def test_arrival_order_is_kept_across_modes(pg: Any, mode: str) -> None:
     """W0 holds; R1 R2 W3 R4 R5 arrive in that order. R1+R2 run together, then W3 alone, then
     R4+R5: R4 arrived while readers held the key, yet queued behind the waiting writer."""
@@ -228,7 +229,7 @@ async def test_arrival_order_is_kept_across_modes(pg: Any, mode: str) -> None:
     await party.aclose()
 
 
-@pytest.mark.parametrize("mode", ["session", "transaction"])
+@pytest.mark.parametrize("mode", ROUTES)
 @pytest.mark.parametrize("how", ["cancelled", "timeout"])
 async def test_a_shared_waiter_leaving_mid_run(pg: Any, mode: str, how: str) -> None:
     """W0 holds; R1 R2 R3 W4 wait; R2 leaves (cancelled or timed out): R1 and R3 still run
@@ -292,7 +293,8 @@ async def test_slots_writers_together_up_to_n_readers_apart_in_order(pg: Any) ->
 
 
 @pytest.mark.parametrize(
-    ("mode", "max_concurrency"), [("session", 1), ("transaction", 1), ("session", 2)]
+    ("mode", "max_concurrency"),
+    [("session", 1), ("transaction", 1), ("pgbouncer", 1), ("session", 2)],
 )
 async def test_a_mixed_crowd_never_breaks_exclusion(
     pg: Any, mode: str, max_concurrency: int
@@ -300,7 +302,7 @@ async def test_a_mixed_crowd_never_breaks_exclusion(
     """Readers and writers on 4 backends in a random order: the recorded timeline shows no
     writer with a reader and at most `max_concurrency` writers together."""
     namespace = f"test-{uuid.uuid4().hex[:12]}"
-    backends = [postgres_backend(namespace, mode=mode) for _ in range(4)]
+    backends = [routed_backend(mode, namespace) for _ in range(4)]
     timeline = Timeline()
     tokens: list[int] = []
     rng = random.Random(15)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from keyedlock_asgi.backends import LockBackend
+from tests.support.engine_pgbouncer import pgbouncer_engine
 from tests.support.engine_postgres import postgres_engine
 from tests.support.engine_redis import redis_engine
 
@@ -31,3 +32,5 @@ ENGINES["redis"] = redis_engine
 ASYNCIO_ONLY.add("redis")  # redis-py's asyncio client cannot run under trio
 ENGINES["postgres"] = postgres_engine
 ASYNCIO_ONLY.add("postgres")  # asyncpg runs on asyncio only
+ENGINES["pgbouncer"] = pgbouncer_engine  # PostgreSQL through pgbouncer, transaction mode
+ASYNCIO_ONLY.add("pgbouncer")
