@@ -75,14 +75,10 @@ async def test_session_mode_on_a_direct_connection_is_not_refused() -> None:
 
 async def test_transaction_mode_through_pgbouncer_holds_and_fences(bouncer: str) -> None:
     namespace = f"test-{uuid.uuid4().hex[:12]}"
-    a = KeyedLock(
-        backend=PostgresBackend.from_dsn(bouncer, namespace=namespace, mode="transaction")
-    )
-    b = KeyedLock(
-        backend=PostgresBackend.from_dsn(bouncer, namespace=namespace, mode="transaction")
-    )
+    a = KeyedLock(backend=pgbouncer_backend(namespace))
+    b = KeyedLock(backend=pgbouncer_backend(namespace))
     async with a.hold("k") as first:
-        with pytest.raises(Exception, match="held in another process"):
+        with pytest.raises(LockBusy):
             async with b.hold("k", timeout=0):
                 pass
     async with b.hold("k", timeout=0) as second:
