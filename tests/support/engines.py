@@ -34,3 +34,8 @@ ENGINES["postgres"] = postgres_engine
 ASYNCIO_ONLY.add("postgres")  # asyncpg runs on asyncio only
 ENGINES["pgbouncer"] = pgbouncer_engine  # PostgreSQL through pgbouncer, transaction mode
 ASYNCIO_ONLY.add("pgbouncer")
+
+NO_SLOTS: dict[str, str] = {
+    "pgbouncer": "transaction mode cannot hold max_concurrency > 1 (see docs/postgres.md)",
+}
+"""Engines that refuse `max_concurrency > 1`, and why: `make_lock` skips those tests there."""
