@@ -386,8 +386,20 @@ async def test_a_burst_of_distinct_keys_is_bounded_by_the_pool(pg: Any) -> None:
     namespace = new_namespace()
     pool_size = 8
     lock = KeyedLock(backend=postgres_backend(namespace, pool_size=pool_size), timeout=3.0)
-    async with lock.hold("warm-up"):  # open the pool before the loop gets flooded
-        pass
+    # Open every pool connection before the loop gets flooded: a connection opened under
+    # 100,000 runnable tasks can miss its connect_timeout on a loaded machine.
+    all_in, inside = anyio.Event(), []
+
+    async def warm(n: int) -> None:
+        async with lock.hold(f"warm-up:{n}"):
+            inside.append(n)
+            if len(inside) == pool_size:
+                all_in.set()
+            await all_in.wait()
+
+    async with anyio.create_task_group() as tg:
+        for n in range(pool_size):
+            tg.start_soon(warm, n)
     outcomes: dict[str, int] = {"served": 0, "timeout": 0}
     peak = 0
     done = asyncio.Event()
