@@ -266,7 +266,8 @@ async def test_slots_writers_together_up_to_n_readers_apart_in_order(pg: Any) ->
     writers, W4 for R3, and R5+R6 (together) for W4; readers never meet a writer."""
     async with anyio.create_task_group() as tg:
         party = Party(tg, pg, "session", max_concurrency=2)
-        party.start("W1", timeout=0)
+        party.start("W1", timeout=0)  # one after the other: two try-only callers can meet
+        await party.inside("W1")  # at the gate, and the second is then told LockBusy
         party.start("W2", timeout=0)
         await party.inside("W1", "W2")
         for who in ("R3", "W4", "R5"):
