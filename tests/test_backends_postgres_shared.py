@@ -271,12 +271,19 @@ async def test_slots_writers_together_up_to_n_readers_apart_in_order(pg: Any) ->
         party.start("W2", timeout=0)
         await party.inside("W1", "W2")
         for who in ("R3", "W4", "R5"):
-            await party.enqueue(who)  # R3 waits on a slot, W4 and R5 on the gate
+            await party.enqueue(who)  # R3 waits on slot 1 holding the gate; W4 and R5 on it
         party.start("R6")  # behind R5 at the gate
-        await party.until(lambda rows: sum(not g for *_, g in rows) == 3, "R6 waits")
+        # R3 (holding the gate) waits on slot 1; W4, R5 and now R6 wait on the gate.
+        await party.until(lambda rows: sum(not g for *_, g in rows) == 4, "R6 waits")
         await party.release("W1")
-        assert party.inside_now() == {"W2"}  # R3 still waits for W2's slot
-        await party.until(lambda rows: sum(not g for *_, g in rows) == 3, "R3 on slot 2")
+
+        # R3 takes slot 1 shared and waits for W2's slot 2; the rest still wait on the gate.
+        def r3_on_slot_2(rows: list[tuple[int, str, bool]]) -> bool:
+            granted_shared = ("ShareLock", True) in {(m, g) for _, m, g in rows}
+            return granted_shared and sum(not g for *_, g in rows) == 4
+
+        await party.until(r3_on_slot_2, "R3 holds slot 1 shared and waits for slot 2")
+        assert party.inside_now() == {"W2"}
         await party.release("W2")
         await party.inside("R3")
         await party.release("R3")
