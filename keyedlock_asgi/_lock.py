@@ -45,7 +45,7 @@ from ._keystate import GRANTED, KeyState, abort, enter, leave, withdraw
 from ._options import LOCK_DEFAULT, HoldOptions, LockDefault, OnError
 
 if TYPE_CHECKING:
-    from .backends import BackendLease, LockBackend
+    from .backends import BackendLease, LeaseLost, LockBackend
 
 __all__ = ["Held", "KeyedLock", "LockStats", "OnBackendError", "mutex"]
 
@@ -130,6 +130,7 @@ class Held:
         "_leases",
         "_limit",
         "_lock",
+        "_lost",
         "_options",
         "_outcome",
         "_signal",
@@ -152,7 +153,8 @@ class Held:
     _waited: float
     _granted_at: float  # perf_counter() at the grant, when observers are attached
     _leases: list[BackendLease | None]  # with a backend: the engine's holds
-    _limit: anyio.CancelScope | None  # with `max_hold`: the scope that revokes the hold
+    _limit: anyio.CancelScope | None  # with `max_hold` or an engine: the scope that revokes it
+    _lost: LeaseLost | None  # an engine lease lost while held
     _signal: Any  # while queued: the future or trio.Event it parks on
     _outcome: object  # while queued: None, GRANTED, or the aborting holder's exception
     context: Any
@@ -211,7 +213,7 @@ class Held:
         if waiting is not None:
             await self._enter_waiting(*waiting)
         if self._options.max_hold is not None:
-            self._start_limit()
+            self._start_limit()  # a cancel scope: the block must end in the task it began in
         return self
 
     async def _acquire(self) -> None:
@@ -238,14 +240,30 @@ class Held:
         if lock._observers:
             lock._granted(self)
 
+    @property
+    def _revocable(self) -> bool:
+        """Whether a caller that runs the block in the task that took the hold should start
+        `_start_limit` (the middleware does): `max_hold` set, or an engine lease to lose.
+        `__aenter__` starts it only for `max_hold`, so a hold without one may still be
+        released from another task."""
+        return self._options.max_hold is not None or self._lock._backend is not None
+
     def _start_limit(self) -> None:
-        """`max_hold`: cancel the block that holds this once the hold is that old. Entered
-        by the task that runs the block, right after the grant; `_release` leaves it."""
-        assert self._options.max_hold is not None
-        limit = self._limit = anyio.CancelScope(
-            deadline=anyio.current_time() + self._options.max_hold
-        )
+        """Cancel the block that holds this once the hold is `max_hold` old, or its engine
+        lease is lost. Entered by the task that runs the block, right after the grant;
+        `_release` leaves it."""
+        max_hold = self._options.max_hold
+        deadline = anyio.current_time() + max_hold if max_hold is not None else float("inf")
+        limit = self._limit = anyio.CancelScope(deadline=deadline)
         limit.__enter__()
+        if self._lost is not None:  # lost between the grant and now
+            limit.cancel()
+
+    def _lease_lost(self, event: LeaseLost) -> None:
+        """An engine lease of this hold ended while held: revoke the hold like `max_hold`."""
+        self._lost = event
+        if self._limit is not None:
+            self._limit.cancel()
 
     async def __aexit__(
         self,
@@ -256,6 +274,9 @@ class Held:
         if self._lock._backend is not None and self._state is not None:
             await _release_leases(self._leases)
         if self._release(exc):
+            lost = self._lost
+            if lost is not None:
+                raise HoldExpired(f"the engine lease of the hold was lost ({lost.reason})")
             raise HoldExpired(f"the hold outlived max_hold ({self._options.max_hold:g} s)")
 
     def _try_enter(self) -> tuple[_LoopState, KeyState | None] | None:
@@ -420,8 +441,13 @@ class Held:
                 waited = True
                 if deadline is not None:
                     remaining = max(deadline - perf_counter(), 0.0)
-                leases.append(await self._acquire_lease(backend, key, remaining))
-                tokens.append(0 if leases[-1] is None else leases[-1].token)
+                lease = await self._acquire_lease(backend, key, remaining)
+                leases.append(lease)
+                if lease is None:
+                    tokens.append(0)
+                else:
+                    tokens.append(lease.token)
+                    lease.on_lost = self._lease_lost
         except BaseException as error:
             if isinstance(error, LockTimeout):
                 error.retry_after = timeout  # the caller's whole budget, not what was left
@@ -625,7 +651,7 @@ class KeyedLock:
         held = Held()
         held._lock = self
         held._options = options
-        held._state = held._limit = None
+        held._state = held._limit = held._lost = None
         held.context = None
         if more_keys or type(key) is not str:
             held._key = self._key_set(key, more_keys)

@@ -249,13 +249,14 @@ class KeyedLockMiddleware:
     async def _run(self, held: Held, scope: Scope, receive: Receive, send: Send) -> None:
         """Call the app holding the key; release when it returns (or raises).
 
-        With `max_hold`, the app is cancelled once the hold is that old: answered 503 if its
-        response had not started, cut off (the exception reaches the server) if it had.
+        With `max_hold` (or an engine lease lost while held), the app is cancelled: answered
+        503 if its response had not started, cut off (the exception reaches the server) if it
+        had.
         """
         records, ours = record(scope, held)
         hooks = self.hooks
         started = perf_counter() if hooks.on_released is not None else 0.0
-        response = _ResponseStart(send) if held.options.max_hold is not None else None
+        response = _ResponseStart(send) if held._revocable else None
         error: BaseException | None = None
         try:
             try:
@@ -279,8 +280,8 @@ class KeyedLockMiddleware:
                     records.remove(held)
         except HoldExpired as expired:
             logger.warning(
-                "a request held its key past max_hold (%g s) and was cancelled%s",
-                held.options.max_hold,
+                "a request's hold was revoked (%s) and the request cancelled%s",
+                expired,
                 "" if response is None or not response.started else "; response cut off",
             )
             if response is None or response.started:

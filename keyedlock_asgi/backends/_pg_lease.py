@@ -41,6 +41,7 @@ class PostgresLease:
         "_pool",
         "key",
         "lost",
+        "on_lost",
         "shared",
         "token",
     )
@@ -65,6 +66,8 @@ class PostgresLease:
         self.key = key
         self.token = token
         self._granted_at = monotonic()
+        self.on_lost: Callable[[LeaseLost], object] | None = None
+        """Told of the loss right after the backend's `on_lease_lost` (the core revokes)."""
         self.lost = False
         """True once the server is known to have dropped the hold."""
         self._on_closed: Callable[[Any], None] = self._connection_closed
@@ -142,6 +145,8 @@ class PostgresLease:
                 hook(event)
             except Exception:
                 logger.exception("the on_lease_lost hook raised")
+        if self.on_lost is not None:
+            self.on_lost(event)
 
 
 def _is_closed(conn: Any) -> bool:
