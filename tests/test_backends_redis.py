@@ -322,15 +322,18 @@ async def test_a_lost_lease_revokes_a_bounded_hold(
         async with waiter.hold("k") as held:
             log.append(("waiter-enter", held.token))
 
+    async def hold_until_revoked(tg: anyio.abc.TaskGroup) -> None:
+        async with holder.hold("k") as held:
+            log.append(("holder-enter", held.token))
+            tg.start_soon(wait_in_line)
+            try:
+                await anyio.sleep_forever()
+            finally:
+                log.append(("holder-unwound", held.token))
+
     async with anyio.create_task_group() as tg:
         with pytest.raises(HoldExpired, match="lease"):
-            async with holder.hold("k") as held:
-                log.append(("holder-enter", held.token))
-                tg.start_soon(wait_in_line)
-                try:
-                    await anyio.sleep_forever()
-                finally:
-                    log.append(("holder-unwound", held.token))
+            await hold_until_revoked(tg)
     assert log[0][0] == "holder-enter"
     assert {event for event, _ in log[1:]} == {"holder-unwound", "waiter-enter"}
     assert dict(log)["waiter-enter"] > dict(log)["holder-enter"]
