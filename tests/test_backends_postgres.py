@@ -21,6 +21,7 @@ from keyedlock_asgi import BackendUnavailable, KeyedLock, LockBusy, LockTimeout
 from keyedlock_asgi.backends.postgres import LeaseLost, PostgresBackend, key_id
 from tests.support.engine_postgres import PG_DSN, postgres_backend, require_postgres
 from tests.support.server import free_port
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.anyio
 
@@ -55,13 +56,6 @@ async def advisory_locks(pg: Any, namespace: str) -> list[tuple[int, int, bool]]
         f"keyedlock:{namespace}",
     )
     return [(r["pid"], r["id"], r["granted"]) for r in rows]
-
-
-async def until(condition: Any, what: str, limit: float = 10.0) -> None:
-    """Readiness wait on an observable condition (not an assertion about time)."""
-    with anyio.fail_after(limit):
-        while not await condition():  # noqa: ASYNC110 - the condition lives in the server
-            await anyio.sleep(0.005)
 
 
 def pair(namespace: str, **options: Any) -> tuple[KeyedLock, KeyedLock]:
@@ -173,7 +167,7 @@ async def test_cancelled_waiter_leaves_the_queue(pg: Any) -> None:
             async def queued() -> bool:
                 return any(not granted for *_, granted in await advisory_locks(pg, namespace))
 
-            await until(queued, "b waits in the server")
+            await wait_until(queued, "b waits in the server")
             tg.cancel_scope.cancel()
         rows = await advisory_locks(pg, namespace)
         assert [granted for *_, granted in rows] == [True]
@@ -201,7 +195,7 @@ async def test_cancel_racing_the_grant_never_strands_the_key(pg: Any, mode: str)
                 async def queued() -> bool:
                     return any(not g for *_, g in await advisory_locks(pg, namespace))
 
-                await until(queued, "b waits in the server")
+                await wait_until(queued, "b waits in the server")
                 entered.set()
             await asyncio.sleep(0.0005)  # let the unlock reach the server before the cancel
             tg.cancel_scope.cancel()
@@ -256,11 +250,11 @@ async def test_terminated_holder_connection_hands_over_and_reports_lost(pg: Any)
             async def queued() -> bool:
                 return any(not g for *_, g in await advisory_locks(pg, namespace))
 
-            await until(queued, "b waits")
+            await wait_until(queued, "b waits")
             [holder_pid] = [pid for pid, _, g in await advisory_locks(pg, namespace) if g]
             events.append("holder terminated")
             assert await pg.fetchval("SELECT pg_terminate_backend($1)", holder_pid)
-        await until(_async(lambda: bool(lost)), "a is told")
+        await wait_until(lambda: bool(lost), "a is told")
     assert events == ["holder terminated", "b granted"]
     assert (lost[0].token, lost[0].key) == (held.token, "k")
     await close(a, b)
@@ -283,7 +277,7 @@ async def test_frozen_holder_loses_the_key_after_the_lease(pg: Any, mode: str) -
         async with b.hold("k") as later:
             b_granted = loop.time()
         assert later.token > held.token
-        await until(_async(lambda: bool(lost)), "a is told")
+        await wait_until(lambda: bool(lost), "a is told")
     assert b_granted - a_granted >= lease - 0.05  # the server waited out the lease
     assert lost[0][1].token == held.token
     await close(a, b)
@@ -412,10 +406,3 @@ async def test_aclose_releases_open_holds(pg: Any) -> None:
         pass
     await hold.__aexit__(None, None, None)  # the later release is a no-op
     await close(b)
-
-
-def _async(predicate: Any) -> Any:
-    async def check() -> bool:
-        return bool(predicate())
-
-    return check
