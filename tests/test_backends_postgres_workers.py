@@ -23,7 +23,7 @@ from tests.support.engine_postgres import PG_DSN, require_postgres
 from tests.support.server import uvicorn_servers
 from tests.support.waiting import wait_until
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.multiprocess]
 
 LEASE = 1.0
 START_BALANCE = 1_000_000

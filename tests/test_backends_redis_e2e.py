@@ -26,7 +26,7 @@ from tests.support.engine_redis import REDIS_URL, ping, require_redis
 from tests.support.server import free_port, uvicorn_server, uvicorn_servers
 from tests.support.waiting import wait_until
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.multiprocess]
 APP = "tests.apps.redis_checkout:app"
 
 
