@@ -10,23 +10,38 @@ from ._errors import (
     LockTimeout,
     QueueFull,
 )
-from ._lock import Held, KeyedLock, LockStats, mutex
-from ._middleware import KeyedLockMiddleware
+from ._events import LockEvent, LockObserver
+from ._hooks import OnAcquired, OnRejected, OnReleased
+from ._idempotency import IdempotencyMiddleware
+from ._lock import Held, LockStats, mutex
+from ._middleware import BusyResponse, KeyedLockMiddleware
+from ._options import LOCK_DEFAULT, HoldOptions, LockDefault
 from ._responses import Rejection
+from .routes import KeyedLock
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "LOCK_DEFAULT",
     "BackendUnavailable",
+    "BusyResponse",
     "Held",
+    "HoldOptions",
+    "IdempotencyMiddleware",
     "KeyedLock",
     "KeyedLockError",
     "KeyedLockMiddleware",
     "LockAborted",
     "LockBusy",
+    "LockDefault",
+    "LockEvent",
+    "LockObserver",
     "LockReentryError",
     "LockStats",
     "LockTimeout",
+    "OnAcquired",
+    "OnRejected",
+    "OnReleased",
     "QueueFull",
     "Rejection",
     "__version__",

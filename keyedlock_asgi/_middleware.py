@@ -10,21 +10,21 @@ awaitable, with no coroutine of ours in between.
 
 from __future__ import annotations
 
-import asyncio
 import inspect
-import sys
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from time import perf_counter
 from types import FunctionType
-from typing import Any, Literal, NoReturn, TypeAlias, TypeVar
+from typing import Any, Literal, NoReturn, TypeAlias
 
 import anyio
 
 from . import keys as _keys
 from ._errors import KeyedLockError, LockReentryError
-from ._hooks import Hooks, OnAcquired, OnRejected, OnReleased
-from ._lock import UNSET, Held, KeyedLock, OnError, _Unset
+from ._hooks import OnAcquired, OnRejected, OnReleased
+from ._http_options import http_options
+from ._lock import Held, KeyedLock
+from ._options import LOCK_DEFAULT, LockDefault, OnError
 from ._responses import (
     BODY_TOO_LARGE,
     INVALID_KEY,
@@ -33,31 +33,18 @@ from ._responses import (
     rejection_for,
     send_rejection,
 )
-from ._routes import RouteFilter
+from ._runtime import mark_coroutine_function
+from ._scope import SCOPE_KEY, held_by_outer_layer, record, unrecord
+from ._templates import RouteFilter
 from ._types import ASGIApp, Message, Receive, Scope, Send
 
-__all__ = ["SCOPE_KEY", "BusyResponse", "KeyedLockMiddleware"]
-
-SCOPE_KEY = "keyedlock"
-"""`scope["keyedlock"]`: the `Held` of each layer holding keys for this request, outermost first."""
+__all__ = ["BusyResponse", "KeyedLockMiddleware"]
 
 DEFAULT_MAX_BUFFERED_BODY = 1024 * 1024
 
 BusyResponse: TypeAlias = Callable[[Scope, Rejection], "ASGIApp | Awaitable[ASGIApp | None] | None"]
 """`busy_response(scope, rejection)`: an ASGI app (a Starlette `Response` works) that answers the
 rejected request, or None for the default JSON answer."""
-
-
-_F = TypeVar("_F", bound=Callable[..., Any])
-
-
-def _mark_coroutine_function(function: _F) -> _F:
-    """Mark a function that returns an awaitable as a coroutine function, the way each Python
-    lets one: `inspect.markcoroutinefunction` (3.12+), else asyncio's marker (as asgiref does)."""
-    if sys.version_info >= (3, 12):
-        return inspect.markcoroutinefunction(function)
-    function._is_coroutine = asyncio.coroutines._is_coroutine  # type: ignore[attr-defined]
-    return function
 
 
 async def _raise(error: BaseException) -> NoReturn:
@@ -81,9 +68,10 @@ class KeyedLockMiddleware:
         methods: Iterable[str] | None = None,
         include: Iterable[str] | None = None,
         exclude: Iterable[str] | None = None,
-        timeout: float | _Unset | None = UNSET,
-        max_waiting: int | _Unset | None = UNSET,
-        on_error: OnError | _Unset = UNSET,
+        timeout: float | LockDefault | None = LOCK_DEFAULT,
+        max_waiting: int | LockDefault | None = LOCK_DEFAULT,
+        on_error: OnError | LockDefault = LOCK_DEFAULT,
+        shared_methods: Iterable[str] | None = None,
         on_missing_key: Literal["pass", "reject"] = "pass",
         max_key_length: int = _keys.DEFAULT_MAX_KEY_LENGTH,
         max_buffered_body: int = DEFAULT_MAX_BUFFERED_BODY,
@@ -97,47 +85,39 @@ class KeyedLockMiddleware:
             raise TypeError("key must be a key extractor: a callable taking the ASGI scope")
         if lock is None:
             lock = KeyedLock()
-        elif not isinstance(lock, KeyedLock):
-            raise TypeError("lock must be a KeyedLock")
         if isinstance(methods, str):
             raise TypeError("methods takes a list of method names, not one str")
-        if on_missing_key not in ("pass", "reject"):
-            raise ValueError("on_missing_key must be 'pass' or 'reject'")
-        _check_positive_int("max_key_length", max_key_length, minimum=1)
         _check_positive_int("max_buffered_body", max_buffered_body, minimum=0)
         if busy_response is not None and not callable(busy_response):
             raise TypeError("busy_response must be callable")
-        # Validate per-call overrides once, here, rather than on every request.
-        lock.hold("", timeout=timeout, max_waiting=max_waiting, on_error=on_error)
+        self.options = options = http_options(
+            lock,
+            timeout=timeout,
+            max_waiting=max_waiting,
+            on_error=on_error,
+            shared_methods=shared_methods,
+            on_missing_key=on_missing_key,
+            max_key_length=max_key_length,
+            on_acquired=on_acquired,
+            on_released=on_released,
+            on_rejected=on_rejected,
+        )
         self.app = app
         self.key = key
         self._extract = _direct_callable(key)
         self.lock = lock
         self.methods = None if methods is None else frozenset(m.upper() for m in methods)
-        self.timeout = timeout
-        self.max_waiting = max_waiting
-        self.on_error = on_error
-        self.on_missing_key = on_missing_key
-        self.max_key_length = max_key_length
         self.max_buffered_body = max_buffered_body
         self.busy_response = busy_response
         self.server_timing = server_timing
-        self.hooks = Hooks(on_acquired, on_released, on_rejected)
-        self._hold_options: dict[str, Any] = {
-            name: value
-            for name, value in (
-                ("timeout", timeout),
-                ("max_waiting", max_waiting),
-                ("on_error", on_error),
-            )
-            if value is not UNSET
-        }
-        self._options = lock._options(timeout, max_waiting, on_error)
-        self._plain = not server_timing and on_acquired is None and on_released is None
+        self.hooks = hooks = options.hooks
+        self._max_key_length = options.max_key_length
+        self._hold_options = options.exclusive if options.shared_methods is None else None
+        self._plain = not server_timing and hooks.on_acquired is None and hooks.on_released is None
         routes = RouteFilter(include, exclude)
         self._routes = routes if routes.active else None
         self._filtered = self.methods is not None or self._routes is not None
-        self._reject_missing = on_missing_key == "reject"
+        self._reject_missing = options.on_missing_key == "reject"
         # keys.header() itself (not a subclass) in the default setup: __call__ scans inline.
         self._header: bytes | None = (
             key._name
@@ -175,7 +155,7 @@ class KeyedLockMiddleware:
         except BaseException as exc:
             return _raise(exc)
 
-    __call__ = _mark_coroutine_function(__call__)
+    __call__ = mark_coroutine_function(__call__)
 
     def _dispatch(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
         """`__call__` for an HTTP request in every other configuration."""
@@ -219,47 +199,18 @@ class KeyedLockMiddleware:
 
     async def _serve(self, key: str, scope: Scope, receive: Receive, send: Send) -> None:
         """A request with a key: hold it while the app runs."""
-        if (len(key) > self.max_key_length or not key.isprintable()) and not _keys._key_is_valid(
-            key, self.max_key_length
-        ):
+        limit = self._max_key_length
+        if (len(key) > limit or not key.isprintable()) and not _keys._key_is_valid(key, limit):
             await self._reject(scope, receive, send, INVALID_KEY)
             return
         app = self.app
         lock = self.lock
-        records: list[Held] | None = scope.get(SCOPE_KEY)
-        if records and _held_by_outer_layer(records, lock, key):
+        if SCOPE_KEY in scope and held_by_outer_layer(scope, lock, key) is not None:
             await app(scope, receive, send)
             return
-        held = lock._take_now(key, self._options)
-        if held is None:  # held or queued for, re-entered, or a backend: the general path
-            await self._enter_then_run(key, scope, receive, send)
-        elif self._plain:
-            # The fast path, inline: the key was free, no hook, no header to add.
-            ours = records is None
-            if records is None:
-                records = scope[SCOPE_KEY] = [held]
-            else:
-                records.append(held)
-            try:
-                await app(scope, receive, send)
-            except BaseException as exc:
-                try:
-                    await held.__aexit__(type(exc), exc, exc.__traceback__)
-                finally:
-                    _unrecord(scope, records, held, ours)
-                raise
-            held._exit_now()  # first: nothing the app did to the scope can keep the key held
-            if ours and scope.get(SCOPE_KEY) is records:  # `_unrecord`'s common case, inline
-                del scope[SCOPE_KEY]
-            else:
-                _unrecord(scope, records, held, ours)
-        else:
-            await self._run(held, scope, receive, send)
-
-    async def _enter_then_run(self, key: str, scope: Scope, receive: Receive, send: Send) -> None:
-        """Take the key the general way: at once if the lock allows, else queue for it."""
-        lock = self.lock
-        held = lock.hold(key, **self._hold_options) if self._hold_options else lock.hold(key)
+        options = self._hold_options or self.options.hold_options(scope)
+        held = lock._hold(key, (), options)
+        held.context = scope
         try:
             granted = held._enter_now()
         except LockReentryError:
@@ -267,18 +218,27 @@ class KeyedLockMiddleware:
         except KeyedLockError as exc:
             await self._reject(scope, receive, send, rejection_for(exc))
             return
-        if granted:
-            await self._run(held, scope, receive, send)
-        else:
+        if not granted:  # it must queue (or talk to a backend): with a disconnect watcher
             await self._wait_then_run(held, scope, receive, send)
+        elif self._plain:
+            # The fast path, inline: the key was free, no hook, no header to add.
+            records, ours = record(scope, held)
+            try:
+                await app(scope, receive, send)
+            except BaseException as exc:
+                try:
+                    held._release(exc)
+                finally:
+                    unrecord(scope, records, held, ours)
+                raise
+            held._release(None)  # first: nothing the app did to the scope can keep the key
+            unrecord(scope, records, held, ours)
+        else:
+            await self._run(held, scope, receive, send)
 
     async def _run(self, held: Held, scope: Scope, receive: Receive, send: Send) -> None:
         """Call the app holding the key; release when it returns (or raises)."""
-        held_list: list[Held] | None = scope.get(SCOPE_KEY)
-        ours = held_list is None
-        if held_list is None:
-            held_list = scope[SCOPE_KEY] = []
-        held_list.append(held)
+        records, ours = record(scope, held)
         hooks = self.hooks
         started = perf_counter() if hooks.on_released is not None else 0.0
         error: BaseException | None = None
@@ -298,12 +258,11 @@ class KeyedLockMiddleware:
                 else:
                     await held.__aexit__(type(error), error, error.__traceback__)
             finally:
-                if held in held_list:
-                    held_list.remove(held)
+                if held in records:
+                    records.remove(held)
             if hooks.on_released is not None:
                 await hooks.released(scope, held, perf_counter() - started)
-            if ours and scope.get(SCOPE_KEY) is held_list:  # as on the fast path
-                del scope[SCOPE_KEY]
+            unrecord(scope, records, held, ours)  # the entry stays for the hook to read
 
     async def _wait_then_run(self, held: Held, scope: Scope, receive: Receive, send: Send) -> None:
         """Queue for the key while a watcher reads `receive()`; run the app once granted."""
@@ -402,20 +361,6 @@ class _Watcher:
             return await receive()
 
         return replay
-
-
-def _unrecord(scope: Scope, records: list[Held], held: Held, ours: bool) -> None:
-    """Take `held` out of `scope["keyedlock"]`, dropping the entry if this layer made it (a
-    list made for this request does not outlive it). Whatever the app did to the entry."""
-    if ours and scope.get(SCOPE_KEY) is records:
-        del scope[SCOPE_KEY]
-    elif held in records:
-        records.remove(held)
-
-
-def _held_by_outer_layer(records: list[Held], lock: KeyedLock, key: str) -> bool:
-    """Whether a layer further out already holds `key` of `lock` for this request."""
-    return any(held.lock is lock and key in held.keys for held in records)
 
 
 def _with_server_timing(send: Send, waited: float) -> Send:

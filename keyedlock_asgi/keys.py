@@ -19,10 +19,12 @@ from urllib.parse import parse_qsl
 from ._types import Scope
 
 __all__ = [
+    "Extractor",
     "KeyExtractor",
     "client_ip",
     "combine",
     "cookie",
+    "extractor",
     "first",
     "header",
     "path_param",
@@ -39,21 +41,46 @@ TEMPLATE_PARAMS = "keyedlock.path_params"
 _cookie_unquote: Callable[[str], str] = _http_cookies._unquote
 
 
-class _Extractor:
-    """Base of the extractors made here: they read only the scope and never block."""
+class Extractor:
+    """Base of request key extractors: subclass it (define `__call__(scope)`) or wrap a
+    function with `keys.extractor`.
+
+    Any callable taking the scope works as a key; what this base adds is that `lock.depends`
+    reads an `Extractor` from the request instead of treating it as a FastAPI dependency.
+    """
 
     __slots__ = ()
 
-    def __call__(self, scope: Scope) -> KeyResult:  # pragma: no cover - abstract
-        raise NotImplementedError
+    def __call__(self, scope: Scope) -> KeyResult:
+        raise NotImplementedError("an Extractor subclass defines __call__(scope)")
 
 
 def _is_scope_extractor(extractor: object) -> bool:
-    """Whether `extractor` was made by this module (reads the request, is not a dependency)."""
-    return isinstance(extractor, _Extractor)
+    """Whether `extractor` reads the request (is not a FastAPI dependency)."""
+    return isinstance(extractor, Extractor)
 
 
-class _Header(_Extractor):
+class _Function(Extractor):
+    __slots__ = ("_function",)
+
+    def __init__(self, function: KeyExtractor) -> None:
+        self._function = function
+
+    def __call__(self, scope: Scope) -> KeyResult:
+        return self._function(scope)
+
+    def __repr__(self) -> str:
+        return f"keys.extractor({getattr(self._function, '__qualname__', self._function)!r})"
+
+
+def extractor(function: KeyExtractor) -> Extractor:
+    """Mark `function(scope) -> str | None` (or an async one) as a request key extractor."""
+    if not callable(function):
+        raise TypeError("keys.extractor wraps a callable taking the ASGI scope")
+    return _Function(function)
+
+
+class _Header(Extractor):
     __slots__ = ("_name",)
 
     def __init__(self, name: str) -> None:
@@ -78,7 +105,7 @@ def header(name: str) -> KeyExtractor:
     return _Header(name)
 
 
-class _PathParam(_Extractor):
+class _PathParam(Extractor):
     __slots__ = ("_name",)
 
     def __init__(self, name: str) -> None:
@@ -109,7 +136,7 @@ def path_param(name: str) -> KeyExtractor:
     return _PathParam(name)
 
 
-class _QueryParam(_Extractor):
+class _QueryParam(Extractor):
     __slots__ = ("_name", "_needle")
 
     def __init__(self, name: str) -> None:
@@ -137,7 +164,7 @@ def query_param(name: str) -> KeyExtractor:
     return _QueryParam(name)
 
 
-class _Cookie(_Extractor):
+class _Cookie(Extractor):
     __slots__ = ("_name",)
 
     def __init__(self, name: str) -> None:
@@ -168,7 +195,7 @@ def cookie(name: str) -> KeyExtractor:
     return _Cookie(name)
 
 
-class _User(_Extractor):
+class _User(Extractor):
     __slots__ = ("_attr",)
 
     def __init__(self, attr: str) -> None:
@@ -201,7 +228,7 @@ def user(attr: str = "identity") -> KeyExtractor:
     return _User(attr)
 
 
-class _ClientIP(_Extractor):
+class _ClientIP(Extractor):
     __slots__ = ()
 
     def __call__(self, scope: Scope) -> str | None:
@@ -230,7 +257,7 @@ def _checked(value: object) -> str | None:
     raise TypeError(f"a key extractor must return str or None, not {type(value).__name__}")
 
 
-class _First(_Extractor):
+class _First(Extractor):
     __slots__ = ("_extractors",)
 
     def __init__(self, extractors: tuple[KeyExtractor, ...]) -> None:
@@ -270,7 +297,7 @@ def first(*extractors: KeyExtractor) -> KeyExtractor:
     return _First(_callables("first", extractors))
 
 
-class _Combine(_Extractor):
+class _Combine(Extractor):
     __slots__ = ("_extractors", "_sep")
 
     def __init__(self, extractors: tuple[KeyExtractor, ...], sep: str) -> None:

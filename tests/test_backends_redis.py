@@ -209,7 +209,17 @@ async def test_retried_acquire_is_idempotent(
     backend = make_backend()
     lease = await backend.acquire("k", timeout=None, max_concurrency=1)
     conn = lease._conn
-    args = [lease._token_str, 10_000, 3_000, 3_600_000, conn.channel_prefix, 1, "1", 3_000]
+    args = [
+        lease._token_str,
+        10_000,
+        3_000,
+        3_600_000,
+        conn.channel_prefix,
+        1,
+        "1",
+        3_000,
+        conn.publish,
+    ]
     again = await backend._run(conn.acquire, backend.redis_keys("k"), args, conn)
     assert again == (1, lease.token, 0)
     await lease.release()
@@ -616,7 +626,17 @@ async def test_hand_off_to_a_dead_waiter_ends_with_its_claim(
     first = await holder.acquire("k", timeout=None, max_concurrency=1)
     dead = "deadprocess00000|1"
     # It had just proved itself alive (for a minute): only the claim can end its hold.
-    args = [dead, 10_000, 60_000, 3_600_000, conn.channel_prefix, 1, "1", holder._claim_ms]
+    args = [
+        dead,
+        10_000,
+        60_000,
+        3_600_000,
+        conn.channel_prefix,
+        1,
+        "1",
+        holder._claim_ms,
+        conn.publish,
+    ]
     assert (await holder._run(conn.acquire, keys, args, conn))[0] == 0  # queued
     async with anyio.create_task_group() as tg:
         got: list[tuple[Any, float]] = []

@@ -121,3 +121,30 @@ async def test_security_keys_by_authenticated_user_with_a_bounded_queue() -> Non
             sec.gate.set()
     assert statuses == [200] * 6
     assert sec.lock.stats().active_keys == 0
+
+
+async def test_readers_share_and_the_writer_comes_after() -> None:
+    log = await semantics.readers_and_writers()
+    assert sorted(log[:2]) == ["reader 1 in", "reader 2 in"]
+    assert sorted(log[2:4]) == ["reader 1 out", "reader 2 out"]
+    assert log[4:] == ["writer in"]
+
+
+async def test_introspection_keys_stats_and_name() -> None:
+    seen = await semantics.introspection()
+    assert seen["keys"] == ["order:7", "user:1"]
+    assert (seen["stats"].active_keys, seen["stats"].holders) == (2, 2)
+    assert seen["idle"] == []
+    assert seen["repr starts"] == "'checkout'"
+
+
+async def test_the_observer_example_counts_outcomes() -> None:
+    from docs.examples import observability_events
+
+    observability_events.outcomes.counts.clear()  # the module's lock serves both event loops
+    counts = await observability_events.main()
+    assert counts == {
+        ("acquired", "exclusive"): 1,
+        ("busy", "exclusive"): 1,
+        ("acquired", "shared"): 1,
+    }

@@ -580,3 +580,32 @@ def test_held_repr_and_misuse() -> None:
             await held.__aexit__(None, None, None)
 
     anyio.run(exit_without_enter)
+
+
+async def test_keys_lists_what_is_held_or_waited_on(make_lock: MakeLock) -> None:
+    lock = make_lock(key_prefix="app:")
+    inside, leave = anyio.Event(), anyio.Event()
+    assert lock.keys() == []
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(hold_until, lock, "a", inside, leave)
+        await inside.wait()
+
+        async def waiter() -> None:
+            async with lock.hold("a"):
+                pass
+
+        tg.start_soon(waiter)
+        await until(lambda: lock.waiting("a") == 1)
+        async with lock.hold("b", shared=True):
+            assert sorted(lock.keys()) == ["a", "b"]  # without the prefix
+        leave.set()
+    assert lock.keys() == []
+
+
+def test_name_is_shown_in_repr() -> None:
+    assert KeyedLock().name == "default"
+    lock = KeyedLock(name="checkout")
+    assert lock.name == "checkout"
+    assert "'checkout'" in repr(lock)
+    with pytest.raises(TypeError):
+        KeyedLock(name="")

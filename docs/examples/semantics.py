@@ -240,3 +240,47 @@ def two_loops() -> list[bool]:
 
 
 # --8<-- [end:per_loop]
+
+
+# --8<-- [start:shared]
+async def readers_and_writers() -> list[str]:
+    lock = KeyedLock()
+    log: list[str] = []
+    writer_waits = anyio.Event()
+
+    async def read(name: str) -> None:
+        async with lock.hold("doc:1", shared=True) as held:  # readers share the key
+            assert held.shared
+            log.append(f"{name} in")
+            await writer_waits.wait()  # every reader stays in until the writer queued
+            log.append(f"{name} out")
+
+    async def write() -> None:
+        async with lock.hold("doc:1"):  # exclusive: alone, after the readers
+            log.append("writer in")
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(read, "reader 1")
+        tg.start_soon(read, "reader 2")
+        while len(log) < 2:  # both readers inside at once
+            await anyio.lowlevel.checkpoint()
+        tg.start_soon(write)
+        await until_queued(lock, "doc:1", 1)
+        writer_waits.set()
+    return log
+
+
+# --8<-- [end:shared]
+
+
+# --8<-- [start:introspection]
+async def introspection() -> dict[str, Any]:
+    lock = KeyedLock(name="checkout", key_prefix="shop:")
+    async with lock.hold("order:7"), lock.hold("user:1", shared=True):
+        seen = {"keys": sorted(lock.keys()), "stats": lock.stats()}
+    seen["idle"] = lock.keys()
+    seen["repr starts"] = repr(lock).split()[1]
+    return seen
+
+
+# --8<-- [end:introspection]

@@ -8,13 +8,22 @@ live in one Cluster slot), and every one of them expires:
 - `:w`  ZSET  waiter token -> liveness deadline (ms, server clock); refreshed by each retry.
 - `:m`  HASH  `fence` (last fencing token), `seq` (last ticket), and each holder's own fence.
 
+Shared holds: a token ending in `|s` is a reader's. Holders are never mixed (all shared, or up
+to `max_concurrency` exclusive), so the first holder tells the mode of them all. Grants follow
+the queue: the head is granted when it fits beside the holders, and so is the next one, until
+one does not fit; a shared head therefore takes every shared waiter directly behind it along,
+up to the next exclusive waiter, and a newcomer never overtakes a non-empty queue.
+
 Hand-off is direct: when a slot frees (RELEASE, or any script that prunes an ended lease), the
 script itself makes the live waiter at the head of the queue a holder, with a short *claim*
 lease, and publishes `"<token> <fence> <claim ms>"` on the channel `<channel prefix><process id>`,
-which only that waiter's process listens to (tokens are `"<process id>|<n>"`). The waiter then holds
-the key without another round trip and renews the claim to a full lease. Whatever happens to the
-message, the grant stands: the waiter's next ACQUIRE finds "already ours", its RELEASE (on
-timeout or cancellation) passes the key on, and if its process died the claim simply ends.
+which only that waiter's process listens to (tokens are `"<process id>|<n>"`, plus `|s` when
+shared). The publishing command is an argument: PUBLISH, or SPUBLISH on Redis Cluster, where
+the channel prefix carries a hash tag of the lock key's slot (a script stays in one slot). The
+waiter then holds the key without another round trip and renews the claim to a full lease.
+Whatever happens to the message, the grant stands: the waiter's next ACQUIRE finds "already
+ours", its RELEASE (on timeout or cancellation) passes the key on, and if its process died the
+claim simply ends.
 Time always comes from the server (`TIME`), never from the clients, whose clocks may disagree.
 """
 
@@ -62,26 +71,41 @@ local function grant(token, ms, meta_ttl)
   return fence
 end
 
--- Direct hand-off: give every free slot to the live waiter at the head of the queue, with a
--- short claim lease (the waiter renews it to a full lease), and tell that waiter's process
--- ("<token> <fence> <claim ms>" on its channel) so that it holds the key without asking again.
--- A waiter whose process died holds it only until the claim ends; a lost message is found by the
--- waiter's next ACQUIRE ("already ours"). `quiet` (the caller of the script) is not told.
-local function hand_on(slots, claim, meta_ttl, prefix, quiet)
-  local free = slots - redis.call('ZCARD', own)
-  while free > 0 do
+local function is_shared(token)
+  return string.sub(token, -2) == '|s'
+end
+
+-- Whether `token` may hold the key beside the current holders: shared ones only beside shared
+-- ones (any number), exclusive ones only beside exclusive ones, up to `slots` of them.
+local function fits(token, slots)
+  local first = redis.call('ZRANGE', own, 0, 0)[1]
+  if not first then return true end
+  if is_shared(token) then return is_shared(first) end
+  return not is_shared(first) and redis.call('ZCARD', own) < slots
+end
+
+-- Direct hand-off: grant the live waiters at the head of the queue, in order, while each fits
+-- beside the holders (so a shared head takes the shared run behind it along), each with a
+-- short claim lease (the waiter renews it to a full lease), and tell each waiter's process
+-- ("<token> <fence> <claim ms>" on its channel, by `publish`) so that it holds the key without
+-- asking again. A waiter whose process died holds it only until the claim ends; a lost message
+-- is found by the waiter's next ACQUIRE ("already ours"). `quiet` (the script's caller) is not
+-- told.
+local function hand_on(slots, claim, meta_ttl, prefix, publish, quiet)
+  while true do
     local head = redis.call('ZRANGE', queue, 0, 0)[1]
     if not head then return end
     local until_ms = tonumber(redis.call('ZSCORE', alive, head) or '0')
     if until_ms <= now then
       redis.call('ZREM', queue, head)
       redis.call('ZREM', alive, head)
+    elseif not fits(head, slots) then
+      return
     else
       local fence = grant(head, claim, meta_ttl)
-      free = free - 1
       local proc = string.match(head, '^([^|]+)|')
       if proc and head ~= quiet then
-        redis.call('PUBLISH', prefix .. proc, head .. ' ' .. fence .. ' ' .. claim)
+        redis.call(publish, prefix .. proc, head .. ' ' .. fence .. ' ' .. claim)
       end
     end
   end
@@ -92,7 +116,7 @@ ACQUIRE = (
     _PRELUDE
     + """
 -- ARGV: token, lease ms, waiter ttl ms, meta ttl ms, channel prefix, max holders, may wait,
--- claim ms
+-- claim ms, publish command
 local token = ARGV[1]
 local lease = tonumber(ARGV[2])
 local waiter_ttl = tonumber(ARGV[3])
@@ -102,7 +126,7 @@ local slots = tonumber(ARGV[6])
 local may_wait = ARGV[7] == '1'
 local claim = tonumber(ARGV[8])
 prune()
-hand_on(slots, claim, meta_ttl, prefix, token)
+hand_on(slots, claim, meta_ttl, prefix, ARGV[9], token)
 
 -- Already ours (handed on to us, or a retried call whose first reply was lost): same grant,
 -- same fence, now with a full lease.
@@ -112,8 +136,8 @@ if redis.call('ZSCORE', own, token) then
   return {1, redis.call('HGET', meta, token) or '0', 0}
 end
 
--- After hand_on a free slot means an empty queue: nobody to overtake.
-if redis.call('ZCARD', own) < slots then
+-- After hand_on, a non-empty queue has a head that does not fit: never overtake it.
+if redis.call('ZCARD', queue) == 0 and fits(token, slots) then
   return {1, grant(token, lease, meta_ttl), 0}
 end
 
@@ -139,8 +163,9 @@ return {0, redis.call('HGET', meta, 'fence') or '0', left}
 RELEASE = (
     _PRELUDE
     + """
--- ARGV: token, channel prefix, max holders, claim ms, meta ttl ms. Also how a waiter that gives
--- up leaves the queue, and how one that was handed the key (maybe unknowingly) passes it on.
+-- ARGV: token, channel prefix, max holders, claim ms, meta ttl ms, publish command. Also how a
+-- waiter that gives up leaves the queue, and how one that was handed the key (maybe unknowingly)
+-- passes it on.
 local token = ARGV[1]
 local released = redis.call('ZREM', own, token)
 if released == 1 then
@@ -150,7 +175,7 @@ else
   redis.call('ZREM', alive, token)
 end
 prune()
-hand_on(tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5]), ARGV[2], '')
+hand_on(tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5]), ARGV[2], ARGV[6], '')
 return released
 """
 )

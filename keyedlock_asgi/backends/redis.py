@@ -19,6 +19,10 @@ How one grant works (see `_redis_scripts` for the atomic steps):
 - RELEASE (also used to leave the queue) removes the token and hands the key on; it runs
   shielded from cancellation.
 - A circuit breaker turns a dead Redis into fast `BackendUnavailable` errors with `retry_after`.
+- Shared holds: the mode travels in the token; the scripts grant runs of shared waiters (see
+  `_redis_scripts`).
+- Redis Cluster (a `RedisCluster` client, redis-py >= 8.0): every key of one lock key is in one
+  slot; wake-ups use sharded pub/sub (`_redis_cluster`), and each master has its own breaker.
 
 redis-py's asyncio client is asyncio-only: this backend refuses to run under trio.
 """
@@ -31,9 +35,10 @@ import logging
 import os
 import uuid
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from time import monotonic
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import anyio
 
@@ -43,16 +48,40 @@ from . import LeaseLost, _redis_scripts
 try:
     import redis.asyncio as aioredis
     from redis import exceptions as redis_errors
+    from redis.asyncio.cluster import ClusterNode, RedisCluster
     from redis.asyncio.retry import Retry
     from redis.backoff import ExponentialBackoff
+
+    from ._redis_cluster import ShardWakeups
 except ImportError as exc:  # pragma: no cover - depends on the installed extras
     raise ImportError("RedisBackend needs redis-py: pip install 'keyedlock_asgi[redis]'") from exc
+
+Client = aioredis.Redis | RedisCluster
+
+_CLUSTER_NEEDS = (
+    "RedisBackend on Redis Cluster needs redis-py >= 8.0 (sharded pub/sub in redis.asyncio); "
+    "pip install -U 'redis>=8'"
+)
+
+
+def _check_cluster_support() -> None:
+    """Refuse a cluster client up front when redis-py cannot SSUBSCRIBE from asyncio."""
+    if not hasattr(aioredis.client.PubSub, "ssubscribe"):
+        raise RuntimeError(_CLUSTER_NEEDS)
+
 
 __all__ = ["LeaseLost", "RedisBackend", "RedisLease"]
 
 logger = logging.getLogger("keyedlock_asgi.redis")
 
 _CONNECTIVITY_ERRORS = (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError)
+# A cluster whose shard for the key is down (no replica took over yet).
+_CLUSTER_DOWN: tuple[type[Exception], ...] = (
+    redis_errors.ClusterDownError,
+    redis_errors.SlotNotCoveredError,
+    redis_errors.TryAgainError,
+    redis_errors.MasterDownError,
+)
 # A full pool is local saturation, not an outage (the class is missing in old redis-py).
 _POOL_FULL: tuple[type[Exception], ...] = tuple(
     getattr(redis_errors, name) for name in ("MaxConnectionsError",) if hasattr(redis_errors, name)
@@ -143,8 +172,19 @@ class _Connection:
         self.proc_id = uuid.uuid4().hex[:16]
         self.channel_prefix = f"{backend.namespace}:wake:"
         self.channel = self.channel_prefix + self.proc_id
-        self.client: aioredis.Redis = backend._client_factory()
+        self.client: Client = backend._client_factory()
         self.owns_client = backend._owns_client
+        # On a cluster: sharded pub/sub, a channel per slot (see _redis_cluster), and one
+        # circuit breaker per master, so that a shard that is down fails only its own keys.
+        self.shards: ShardWakeups | None = None
+        self.publish = "PUBLISH"
+        self.breakers: dict[str, _Breaker] = {}
+        if isinstance(self.client, RedisCluster):
+            self.publish = "SPUBLISH"
+            self.shards = ShardWakeups(
+                self.client, backend.namespace, self.proc_id, self.wake, self.wake_all
+            )
+        self.breaker = backend._breaker
         self.acquire = self.client.register_script(_redis_scripts.ACQUIRE)
         self.release = self.client.register_script(_redis_scripts.RELEASE)
         self.extend = self.client.register_script(_redis_scripts.EXTEND)
@@ -171,6 +211,26 @@ class _Connection:
         for future in self.waiters.values():
             if not future.done():
                 future.set_result(_ASK_AGAIN)
+
+    def prefix_for(self, keys: list[str]) -> str:
+        """The wake-up channel prefix the scripts of these keys publish to."""
+        return self.channel_prefix if self.shards is None else self.shards.prefix_for(keys[0])
+
+    def breaker_for(self, keys: list[str]) -> _Breaker:
+        """The circuit breaker of the server that holds these keys."""
+        if self.shards is None:
+            return self.breaker
+        assert isinstance(self.client, RedisCluster)
+        try:
+            node = self.client.get_node_from_key(keys[0])
+        except redis_errors.RedisError:  # no node known for the slot (the map is being rebuilt)
+            node = None
+        name = "" if node is None else node.name
+        breaker = self.breakers.get(name)
+        if breaker is None:
+            template = self.breaker
+            breaker = self.breakers[name] = _Breaker(template.threshold, template.cooldown)
+        return breaker
 
 
 _ASK_AGAIN = (0, 0)
@@ -250,7 +310,7 @@ class RedisLease:
                 await backend._run(
                     self._conn.release,
                     self._keys,
-                    backend._release_args(self._token_str, self._conn, self._slots),
+                    backend._release_args(self._token_str, self._conn, self._slots, self._keys),
                     self._conn,
                 )
         except BackendUnavailable:
@@ -341,13 +401,13 @@ class RedisBackend:
     """A Redis engine for `KeyedLock(backend=...)`: fair, notified, leased and fenced.
 
     Build it with `RedisBackend.from_url(url, ...)` (a client per event loop, connected on first
-    use, closed by `aclose()`), or pass your own `redis.asyncio.Redis` client (it is used on its
-    own event loop only and never closed here).
+    use, closed by `aclose()`), or pass your own `redis.asyncio.Redis` or `RedisCluster` client
+    (it is used on its own event loop only and never closed here).
     """
 
     def __init__(
         self,
-        client: aioredis.Redis | Callable[[], aioredis.Redis],
+        client: Client | Callable[[], Client],
         *,
         namespace: str = "keyedlock",
         lease: float = 30.0,
@@ -372,9 +432,11 @@ class RedisBackend:
             raise ValueError("key_ttl must be at least one hour")
         if breaker_threshold < 1 or not breaker_cooldown > 0:
             raise ValueError("breaker_threshold must be >= 1 and breaker_cooldown > 0")
-        if isinstance(client, aioredis.Redis):
+        if isinstance(client, RedisCluster):
+            _check_cluster_support()
+        if isinstance(client, (aioredis.Redis, RedisCluster)):
             given = client
-            self._client_factory: Callable[[], aioredis.Redis] = lambda: given
+            self._client_factory: Callable[[], Client] = lambda: given
             self._owns_client = False
         else:
             self._client_factory = client
@@ -400,8 +462,9 @@ class RedisBackend:
     @classmethod
     def from_url(
         cls,
-        url: str = "redis://127.0.0.1:6379/0",
+        url: str | Sequence[str] = "redis://127.0.0.1:6379/0",
         *,
+        cluster: bool = False,
         max_connections: int = 50,
         socket_timeout: float = 2.0,
         connect_timeout: float = 0.5,
@@ -422,25 +485,56 @@ class RedisBackend:
         The lock's connections wait up to `pool_timeout` for a free pool slot
         (`BlockingConnectionPool`), use short socket timeouts and retry a failed command
         `retries` times: every script is idempotent by token, so a retry never takes a key twice.
+
+        `cluster=True`: `url` is a startup node of a Redis Cluster (or a list of them), and
+        the client is a `RedisCluster` (`max_connections` per node; extra keywords go to it).
         """
         if max_connections < 2:
             raise ValueError("max_connections must be at least 2 (one is the pub/sub reader)")
+        if cluster:
+            _check_cluster_support()
+        urls = [url] if isinstance(url, str) else list(url)
+        if not urls or (len(urls) > 1 and not cluster):
+            raise ValueError("url: one URL, or a list of startup nodes with cluster=True")
+
+        def retry() -> Retry:
+            return Retry(ExponentialBackoff(cap=0.1, base=0.01), retries)
+
+        def make_cluster() -> RedisCluster:
+            nodes = [urlsplit(one) for one in urls]
+            return RedisCluster(
+                host=nodes[0].hostname if len(nodes) == 1 else None,
+                port=nodes[0].port or 6379,
+                startup_nodes=(
+                    [ClusterNode(node.hostname or "127.0.0.1", node.port or 6379) for node in nodes]
+                    if len(nodes) > 1
+                    else None
+                ),
+                password=nodes[0].password,
+                username=nodes[0].username,
+                ssl=nodes[0].scheme == "rediss",
+                max_connections=max_connections,
+                socket_timeout=socket_timeout,
+                socket_connect_timeout=connect_timeout,
+                retry=retry(),
+                **redis_options,
+            )
 
         def make_client() -> aioredis.Redis:
             pool = aioredis.BlockingConnectionPool.from_url(
-                url,
+                urls[0],
                 max_connections=max_connections,
                 timeout=pool_timeout,
                 socket_timeout=socket_timeout,
                 socket_connect_timeout=connect_timeout,
-                retry=Retry(ExponentialBackoff(cap=0.1, base=0.01), retries),
+                retry=retry(),
                 retry_on_error=[redis_errors.ConnectionError, redis_errors.TimeoutError],
                 **redis_options,
             )
             return aioredis.Redis(connection_pool=pool)
 
         return cls(
-            make_client,
+            make_cluster if cluster else make_client,
             namespace=namespace,
             lease=lease,
             max_hold=max_hold,
@@ -461,23 +555,29 @@ class RedisBackend:
 
     # -- the LockBackend protocol -----------------------------------------------------------
 
-    async def acquire(self, key: str, *, timeout: float | None, max_concurrency: int) -> RedisLease:
-        """Take `key` in Redis, FIFO across processes; see `LockBackend.acquire`."""
+    async def acquire(
+        self, key: str, *, timeout: float | None, max_concurrency: int, shared: bool = False
+    ) -> RedisLease:
+        """Take `key` in Redis, FIFO across processes and modes; see `LockBackend.acquire`."""
         conn = await self._connection()
         loop = conn.loop
-        token = f"{conn.proc_id}|{next(conn.counter)}"
+        # The mode travels in the token: the scripts read it from the `|s` suffix.
+        token = f"{conn.proc_id}|{next(conn.counter)}{'|s' if shared else ''}"
         keys = self.redis_keys(key)
         deadline = None if timeout is None else loop.time() + timeout
         may_wait = "0" if timeout == 0 else "1"
+        if conn.shards is not None and may_wait == "1" and not conn.shards.listening(keys[0]):
+            await self._listen(conn, keys)
         args: list[Any] = [
             token,
             self._lease_ms,
             self._waiter_ttl_ms,
             self._meta_ttl_ms,
-            conn.channel_prefix,
+            conn.prefix_for(keys),
             max_concurrency,
             may_wait,
             self._claim_ms,
+            conn.publish,
         ]
         waiters = conn.waiters
         valid_for = self.lease
@@ -542,6 +642,8 @@ class RedisBackend:
                     await conn.pubsub.aclose()
                 except Exception:  # pragma: no cover - closing a broken connection
                     logger.debug("closing the pub/sub connection failed", exc_info=True)
+            if conn.shards is not None:
+                await conn.shards.aclose()
             if conn.owns_client:
                 try:
                     await conn.client.aclose()
@@ -579,6 +681,11 @@ class RedisBackend:
     async def _subscribe(self, conn: _Connection) -> None:
         probe = self._breaker.enter()
         try:
+            if isinstance(conn.client, RedisCluster):
+                # Learn the slots; each slot's wake-up channel is subscribed on first wait.
+                await conn.client.initialize()
+                self._breaker.succeeded(probe)
+                return
             if conn.pubsub is None:
                 conn.pubsub = conn.client.pubsub()
             await conn.pubsub.subscribe(conn.channel)
@@ -635,33 +742,60 @@ class RedisBackend:
 
     async def _run(self, script: Any, keys: list[str], args: list[Any], conn: _Connection) -> Any:
         """Run one script through the circuit breaker; Redis errors become BackendUnavailable."""
-        probe = self._breaker.enter()
+        breaker = conn.breaker_for(keys)
+        probe = breaker.enter()
         try:
             result = await script(keys=keys, args=args, client=conn.client)
         except _POOL_FULL as exc:
-            self._breaker.abandoned(probe)
-            raise self._error(exc) from exc
+            breaker.abandoned(probe)
+            raise self._error(exc, breaker) from exc
         except _CONNECTIVITY_ERRORS as exc:
-            self._breaker.failed(probe)
-            raise self._error(exc) from exc
+            breaker.failed(probe)
+            raise self._error(exc, breaker) from exc
         except redis_errors.RedisError as exc:
-            self._breaker.abandoned(probe)
-            raise self._error(exc) from exc
+            # On a cluster, a shard that is down shows as CLUSTERDOWN / no node for the slot.
+            if isinstance(exc, _CLUSTER_DOWN):
+                breaker.failed(probe)
+            else:
+                breaker.abandoned(probe)
+            raise self._error(exc, breaker) from exc
         except BaseException:
-            self._breaker.abandoned(probe)
+            breaker.abandoned(probe)
             raise
-        self._breaker.succeeded(probe)
+        breaker.succeeded(probe)
         if isinstance(result, list):
             return int(result[0]), int(result[1]), int(result[2])
         return int(result)
 
-    def _error(self, exc: BaseException) -> BackendUnavailable:
+    async def _listen(self, conn: _Connection, keys: list[str]) -> None:
+        """On a cluster: be subscribed to this process's channel in the keys' slot."""
+        assert conn.shards is not None
+        breaker = conn.breaker_for(keys)
+        probe = breaker.enter()
+        try:
+            await conn.shards.listen(keys[0])
+        except _CONNECTIVITY_ERRORS + _CLUSTER_DOWN as exc:
+            breaker.failed(probe)
+            raise self._error(exc, breaker) from exc
+        except redis_errors.RedisError as exc:
+            breaker.abandoned(probe)
+            raise self._error(exc, breaker) from exc
+        except BaseException:
+            breaker.abandoned(probe)
+            raise
+        breaker.succeeded(probe)
+
+    def _error(self, exc: BaseException, breaker: _Breaker | None = None) -> BackendUnavailable:
         return _unavailable(
-            f"the lock service is unavailable ({type(exc).__name__})", self._breaker.retry_after()
+            f"the lock service is unavailable ({type(exc).__name__})",
+            (breaker or self._breaker).retry_after(),
         )
 
-    def _release_args(self, token: str, conn: _Connection, slots: int) -> list[Any]:
-        return [token, conn.channel_prefix, slots, self._claim_ms, self._meta_ttl_ms]
+    def _release_args(
+        self, token: str, conn: _Connection, slots: int, keys: list[str]
+    ) -> list[Any]:
+        prefix = conn.prefix_for(keys)
+        return [token, prefix, slots, self._claim_ms, self._meta_ttl_ms, conn.publish]
 
     async def _give_up(self, conn: _Connection, keys: list[str], token: str, slots: int) -> None:
         """Leave the queue, or pass on a grant this caller will not use (a reply that was lost,
@@ -671,10 +805,11 @@ class RedisBackend:
         queue entry within `3 * heartbeat + 0.5` s, a hand-off within its claim, a grant
         within `lease`.
         """
-        if self._breaker.is_open():
+        if conn.breaker_for(keys).is_open():
             return
         with anyio.CancelScope(shield=True):
             try:
-                await self._run(conn.release, keys, self._release_args(token, conn, slots), conn)
+                args = self._release_args(token, conn, slots, keys)
+                await self._run(conn.release, keys, args, conn)
             except BackendUnavailable:
                 logger.warning("could not leave the Redis queue; the entry expires by itself")

@@ -3,6 +3,7 @@
 KL_LOCK_URL  Redis the lock uses           KL_LOG_URL  Redis for the entry/exit log and balances
 KL_NS        namespace of this test run    KL_LEASE    lease seconds (default 2)
 KL_WORK_MS   time spent inside the lock    KL_BREAKER  breaker cooldown seconds (default 0.5)
+KL_CLUSTER   "1": KL_LOCK_URL is a startup node of a Redis Cluster
 
 Each request records `enter`/`exit` (with the log Redis's clock and the worker's pid) around a
 read-modify-write of the user's balance, so any overlap of two same-user requests would both
@@ -35,6 +36,7 @@ lock = KeyedLock(
     timeout=30,
     backend=RedisBackend.from_url(
         os.environ.get("KL_LOCK_URL", "redis://127.0.0.1:6379/0"),
+        cluster=os.environ.get("KL_CLUSTER") == "1",
         namespace=NS,
         lease=float(os.environ.get("KL_LEASE", "2")),
         breaker_cooldown=float(os.environ.get("KL_BREAKER", "0.5")),

@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+import atexit
 import functools
 import os
 import socket
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
 from urllib.parse import urlsplit
 
+import pytest
+import redis.asyncio as aioredis
+from redis import __version__ as redis_version
+
 from keyedlock_asgi.backends import LockBackend
+from keyedlock_asgi.backends.redis import RedisBackend
+from tests.support.redis_cluster import RedisClusterProcesses
+from tests.support.redis_cluster import missing as cluster_missing
 
 REDIS_URL = os.environ.get("KEYEDLOCK_REDIS_URL", "redis://127.0.0.1:6379/0")
 
@@ -44,6 +55,97 @@ def require_redis() -> None:
 def redis_engine(namespace: str) -> LockBackend:
     """A `RedisBackend` on the shared Redis, in a namespace of its own."""
     require_redis()
-    from keyedlock_asgi.backends.redis import RedisBackend
-
     return RedisBackend.from_url(REDIS_URL, namespace=namespace, lease=10.0)
+
+
+# -- Redis Cluster: a real 3-master cluster on loopback, started once per test run ----------
+
+_cluster: RedisClusterProcesses | None = None
+
+
+def require_cluster() -> None:
+    """Skip (or fail, in CI, when redis-server is missing) a test that needs a cluster."""
+    if not hasattr(aioredis.client.PubSub, "ssubscribe"):  # a version matrix run, not an outage
+        pytest.skip(f"redis-py {redis_version} has no asyncio SSUBSCRIBE (cluster needs >= 8.0)")
+    problem = cluster_missing()
+    if problem is not None:
+        from tests.conftest import service_missing
+
+        service_missing("Redis Cluster", problem)
+
+
+def shared_cluster() -> RedisClusterProcesses:
+    """The test run's cluster, started on first use (bounded) and stopped when the run ends
+    (by the `redis_cluster` fixture's teardown, or at exit). Skips (fails in CI) without
+    redis-server."""
+    global _cluster
+    require_cluster()
+    if _cluster is None:
+        _cluster = RedisClusterProcesses(first_port=7100).start()
+        atexit.register(stop_shared_cluster)
+    return _cluster
+
+
+def stop_shared_cluster() -> None:
+    global _cluster
+    if _cluster is not None:
+        _cluster.stop()
+        _cluster = None
+
+
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[RedisClusterProcesses]:
+    """The shared 3-master cluster (import this fixture into a test module to use it)."""
+    yield shared_cluster()
+    stop_shared_cluster()
+
+
+def redis_cluster_engine(namespace: str) -> LockBackend:
+    """A `RedisBackend` on the test run's Redis Cluster, in a namespace of its own."""
+    return RedisBackend.from_url(
+        shared_cluster().url, cluster=True, namespace=namespace, lease=10.0
+    )
+
+
+@dataclass
+class RedisTarget:
+    """One Redis deployment under test: the shared server, or the test run's cluster."""
+
+    name: str
+    url: str
+    cluster: bool
+    ports: list[int]
+
+    def backend(self, **options: Any) -> RedisBackend:
+        return RedisBackend.from_url(self.url, cluster=self.cluster, **options)
+
+    def raw(self) -> Any:
+        """A plain client (a cluster client on the cluster) to look at what is in Redis."""
+        if self.cluster:
+            return aioredis.RedisCluster.from_url(self.url)
+        return aioredis.Redis.from_url(self.url)
+
+    async def scan(self, match: str) -> list[str]:
+        """Every Redis key matching `match`, over every master."""
+        if not self.cluster:
+            urls = [self.url]
+        else:
+            urls = [f"redis://127.0.0.1:{port}/0" for port in self.ports]
+        found: list[str] = []
+        for url in urls:
+            client = aioredis.Redis.from_url(url)
+            try:
+                found += [name.decode() async for name in client.scan_iter(match=match)]
+            finally:
+                await client.aclose()
+        return found
+
+
+def redis_target(name: str) -> RedisTarget:
+    """ "redis" (the shared server) or "redis-cluster" (started on first use)."""
+    if name == "redis":
+        require_redis()
+        parts = urlsplit(REDIS_URL)
+        return RedisTarget(name, REDIS_URL, False, [parts.port or 6379])
+    cluster = shared_cluster()
+    return RedisTarget(name, cluster.url, True, list(cluster.ports))

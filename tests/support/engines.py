@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 from keyedlock_asgi.backends import LockBackend
 from tests.support.engine_postgres import postgres_engine
-from tests.support.engine_redis import redis_engine
+from tests.support.engine_redis import redis_cluster_engine, redis_engine
 
 EngineFactory = Callable[[str], "LockBackend | None"]
 
@@ -29,5 +29,7 @@ ASYNCIO_ONLY: set[str] = set()
 
 ENGINES["redis"] = redis_engine
 ASYNCIO_ONLY.add("redis")  # redis-py's asyncio client cannot run under trio
+ENGINES["redis-cluster"] = redis_cluster_engine
+ASYNCIO_ONLY.add("redis-cluster")  # a real 3-master cluster on loopback (tests/support)
 ENGINES["postgres"] = postgres_engine
 ASYNCIO_ONLY.add("postgres")  # asyncpg runs on asyncio only

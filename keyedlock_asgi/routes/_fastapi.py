@@ -20,10 +20,10 @@ import fastapi
 from fastapi import Depends
 from starlette.requests import Request
 
-from ._lock import Held, KeyedLock
-from ._route_errors import LockRejected, is_failure, to_http
-from ._route_guard import Rejected, RouteGuard, RouteHold, key_value
-from .keys import _is_scope_extractor, _resolve_key
+from .._lock import Held
+from ..keys import _is_scope_extractor, _resolve_key
+from ._errors import LockRejected, is_failure, to_http
+from ._guard import Rejected, RouteGuard, RouteHold, key_value
 
 __all__ = ["FastAPILockRejected", "depends", "guard_dependency"]
 
@@ -33,9 +33,8 @@ class FastAPILockRejected(fastapi.HTTPException, LockRejected):
     FastAPI's or Starlette's `HTTPException` takes it."""
 
 
-def depends(lock: KeyedLock, key: Any, **options: Any) -> Any:
+def depends(guard: RouteGuard, key: Any) -> Any:
     """`Depends(...)` for `dependencies=[...]` or a parameter (`held: Held | None = ...`)."""
-    guard = RouteGuard(lock, **options)
     return _request_scoped(guard_dependency(guard, key, from_dependency=True))
 
 

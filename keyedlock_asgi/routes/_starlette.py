@@ -24,12 +24,11 @@ from typing import Any, TypeVar, cast
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 
-from ._lock import KeyedLock
-from ._responses import send_rejection
-from ._route_errors import is_failure, renders_by_default, to_http
-from ._route_guard import Rejected, RouteGuard
-from ._types import Receive, Scope, Send
-from .keys import _resolve_key
+from .._responses import send_rejection
+from .._types import Receive, Scope, Send
+from ..keys import _resolve_key
+from ._errors import is_failure, renders_by_default, to_http
+from ._guard import Rejected, RouteGuard
 
 __all__ = ["serialize"]
 
@@ -38,11 +37,10 @@ F = TypeVar("F", bound=Callable[..., Any])
 _hidden_names = itertools.count(1)
 
 
-def serialize(lock: KeyedLock, key: Any, **options: Any) -> Callable[[F], F]:
+def serialize(guard: RouteGuard, key: Any) -> Callable[[F], F]:
     """The decorator: `key` is a string or a key extractor `(scope) -> str | None`."""
     if not isinstance(key, str) and not callable(key):
         raise TypeError(f"a lock key must be a str or a key extractor, not {type(key).__name__}")
-    guard = RouteGuard(lock, **options)
     fastapi_dependency = _fastapi_dependency(guard, key)
 
     def decorate(endpoint: F) -> F:
@@ -123,7 +121,7 @@ class _SerializedCall:
 def _fastapi_dependency(guard: RouteGuard, key: Any) -> Any:
     """The hidden parameter's `Depends(...)`, or None when FastAPI is not installed."""
     try:
-        from ._route_dependency import _request_scoped, guard_dependency
+        from ._fastapi import _request_scoped, guard_dependency
     except ImportError:
         return None
     return _request_scoped(guard_dependency(guard, key, from_dependency=False))

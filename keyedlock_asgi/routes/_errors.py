@@ -15,9 +15,9 @@ from starlette.exceptions import HTTPException
 from starlette.middleware.exceptions import ExceptionMiddleware
 
 if TYPE_CHECKING:
-    from ._responses import Rejection
-    from ._route_guard import Rejected
-    from ._types import Scope
+    from .._responses import Rejection
+    from .._types import Scope
+    from ._guard import Rejected
 
 __all__ = ["LockRejected", "handler_for", "is_failure", "renders_by_default"]
 

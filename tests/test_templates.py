@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 from starlette.routing import compile_path
 
-from keyedlock_asgi._routes import RouteFilter, RouteTemplate, route_path
+from keyedlock_asgi._templates import RouteFilter, RouteTemplate, route_path
 
 
 def scope_for(path: str, root_path: str = "") -> dict[str, Any]:
