@@ -595,7 +595,7 @@ async def test_keys_lists_what_is_held_or_waited_on(make_lock: MakeLock) -> None
                 pass
 
         tg.start_soon(waiter)
-        await until(lambda: lock.waiting("a") == 1)
+        await wait_until(lambda: lock.waiting("a") == 1, "a waiter queued")
         async with lock.hold("b", shared=True):
             assert sorted(lock.keys()) == ["a", "b"]  # without the prefix
         leave.set()
