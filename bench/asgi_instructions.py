@@ -26,7 +26,13 @@ import anyio
 
 from bench import asgi_overhead as bench
 
-COUNTED = ["bare", "pass-through (no key)", "distinct keys"]
+COUNTED = [
+    "bare",
+    "no-op pure-ASGI layer",
+    "pass-through (no key)",
+    "floor: toy keyed middleware",
+    "distinct keys",
+]
 
 
 async def serve(variant: str, count: int, total: int) -> None:

@@ -308,10 +308,6 @@ class Held:
             lock._granted(self)
         return None
 
-    def _enter_now(self) -> bool:
-        """`_try_enter` for the ASGI layers: whether the hold was granted without waiting."""
-        return self._try_enter() is None
-
     def _release(self, error: BaseException | None) -> bool:
         """Give every key back (the in-process part of leaving): the one release path.
 
@@ -324,25 +320,10 @@ class Held:
             raise RuntimeError("this hold is not held")
         self._state = None
         expired = False
-        limit = self._limit
-        if limit is not None:
-            self._limit = None
-            try:
-                if error is None:
-                    limit.__exit__(None, None, None)
-                else:
-                    limit.__exit__(type(error), error, error.__traceback__)
-                expired = limit.cancelled_caught
-            finally:
-                self._leave_all(state, None if expired else error)
-        else:
-            self._leave_all(state, error)
-        lock = self._lock
-        if lock._observers:
-            lock._released(self, error, expired)
-        return expired
-
-    def _leave_all(self, state: _LoopState, error: BaseException | None) -> None:
+        if self._limit is not None:
+            expired = self._end_limit(error)
+            if expired:
+                error = None  # the lock's own deadline: not a failure of the holder
         key = self._key
         table = state.keys
         if error is not None and self._options.on_error == "stop":
@@ -354,6 +335,22 @@ class Held:
             del table[key]
         else:
             leave(table, key, self)
+        lock = self._lock
+        if lock._observers:
+            lock._released(self, error, expired)
+        return expired
+
+    def _end_limit(self, error: BaseException | None) -> bool:
+        """Leave the revoking scope; whether it had revoked the hold (swallowing its own
+        cancellation). Its errors (left from another task) come after the keys are given back."""
+        limit = self._limit
+        assert limit is not None
+        self._limit = None
+        if error is None:
+            limit.__exit__(None, None, None)
+        else:
+            limit.__exit__(type(error), error, error.__traceback__)
+        return limit.cancelled_caught
 
     @staticmethod
     def _abort_waiters(
@@ -646,13 +643,16 @@ class KeyedLock:
             options = self._defaults.resolve(timeout, max_waiting, on_error, shared, max_hold)
         return self._hold(key, more_keys, options)
 
-    def _hold(self, key: str, more_keys: tuple[str, ...], options: HoldOptions) -> Held:
-        """`hold()` with its options already resolved (the HTTP layers resolve theirs once)."""
+    def _hold(
+        self, key: str, more_keys: tuple[str, ...], options: HoldOptions, context: Any = None
+    ) -> Held:
+        """`hold()` with its options already resolved (the HTTP layers resolve theirs once,
+        and attach the request's scope as the hold's `context`)."""
         held = Held()
         held._lock = self
         held._options = options
         held._state = held._limit = held._lost = None
-        held.context = None
+        held.context = context
         if more_keys or type(key) is not str:
             held._key = self._key_set(key, more_keys)
         else:

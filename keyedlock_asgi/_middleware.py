@@ -219,10 +219,9 @@ class KeyedLockMiddleware:
             await app(scope, receive, send)
             return
         options = self._hold_options or self.options.hold_options(scope)
-        held = lock._hold(key, (), options)
-        held.context = scope
+        held = lock._hold(key, (), options, scope)
         try:
-            granted = held._enter_now()
+            granted = held._try_enter() is None
         except LockReentryError:
             raise
         except KeyedLockError as exc:

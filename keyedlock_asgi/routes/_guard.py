@@ -84,8 +84,7 @@ class RouteGuard:
         outer = held_by_outer_layer(scope, lock, key)
         if outer is not None:
             return RouteHold(outer, owned=False)
-        held = lock._hold(key, (), options.hold_options(scope))
-        held.context = scope
+        held = lock._hold(key, (), options.hold_options(scope), scope)
         try:
             await held.__aenter__()
         except _REJECTED_BY_LOCK as exc:
