@@ -25,7 +25,7 @@ class Rejection:
 
     reason: str
     """Machine-readable: busy, aborted, queue_full, timeout, backend_unavailable,
-    missing_key, invalid_key, body_too_large."""
+    missing_key, invalid_key."""
     status: int
     detail: str
     retry_after: int | None
@@ -56,9 +56,6 @@ _BY_ERROR: dict[type[KeyedLockError], tuple[str, int, str]] = {
 
 MISSING_KEY = Rejection("missing_key", 400, "This request needs a lock key and has none.", None)
 INVALID_KEY = Rejection("invalid_key", 400, "The request's lock key is invalid.", None)
-BODY_TOO_LARGE = Rejection(
-    "body_too_large", 413, "The request body is too large to hold while waiting.", None
-)
 
 
 def retry_after_seconds(hint: float | None) -> int:
