@@ -34,7 +34,7 @@ from ._runtime import mark_coroutine_function
 from ._scope import SCOPE_KEY, held_by_outer_layer, record, unrecord
 from ._templates import RouteFilter
 from ._types import ASGIApp, Message, Receive, Scope, Send
-from ._watcher import DEFAULT_MAX_BUFFERED_BODY, Watcher, wait_watching
+from ._watcher import DEFAULT_MAX_BUFFERED_BODY, Watcher, enter_watching
 
 __all__ = ["BusyResponse", "KeyedLockMiddleware"]
 
@@ -264,14 +264,14 @@ class KeyedLockMiddleware:
         """Queue for the key while a watcher reads `receive()`; run the app once granted."""
         watcher = Watcher(receive, self.max_buffered_body)
         try:
-            granted = await wait_watching(watcher, held.__aenter__, _give_back)
+            granted = await enter_watching(watcher, held)
         except LockReentryError:
             raise
         except KeyedLockError as exc:
             if watcher.gone is None:
                 await self._reject(scope, watcher.replay(), send, rejection_for(exc))
             return
-        if granted is None:
+        if not granted:
             return  # disconnected: the client is gone, the app never sees this request
         await self._run(held, scope, watcher.replay(), send)
 
@@ -288,11 +288,6 @@ class KeyedLockMiddleware:
                 await answer(scope, receive, send)
                 return
         await send_rejection(send, rejection)
-
-
-async def _give_back(held: Held) -> None:
-    """Release a hold granted to a request whose client has left."""
-    await held.__aexit__(None, None, None)
 
 
 def _with_server_timing(send: Send, waited: float) -> Send:

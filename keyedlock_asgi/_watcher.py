@@ -11,18 +11,16 @@ on whether a request queued.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Awaitable, Callable
-from typing import Literal, TypeVar
+from typing import Literal
 
 import anyio
 
+from ._lock import Held
 from ._types import Message, Receive
 
-__all__ = ["DEFAULT_MAX_BUFFERED_BODY", "Watcher", "wait_watching"]
+__all__ = ["DEFAULT_MAX_BUFFERED_BODY", "Watcher", "enter_watching"]
 
 DEFAULT_MAX_BUFFERED_BODY = 1024 * 1024
-
-T = TypeVar("T")
 
 
 class Watcher:
@@ -74,38 +72,35 @@ class Watcher:
         return replay
 
 
-async def wait_watching(
-    watcher: Watcher, wait: Callable[[], Awaitable[T]], undo: Callable[[T], Awaitable[None]]
-) -> T | None:
-    """`await wait()` while `watcher` reads the request; None when the client left first.
+async def enter_watching(watcher: Watcher, held: Held) -> bool:
+    """Wait for `held` while `watcher` reads the request; False when the client left first.
 
-    A result that comes at the very moment the client leaves (or while this task is cancelled
-    from outside) is given back through `undo`, so nothing stays held for a request that will
-    not run. The exception the server's `receive()` raised comes first, then `wait()`'s own,
-    neither wrapped in an exception group.
+    A grant that comes at the very moment the client leaves (or while this task is cancelled
+    from outside) is given back at once, so nothing stays held for a request that will not
+    run. The exception the server's `receive()` raised comes first, then the lock's own (busy,
+    timeout, ...), neither wrapped in an exception group.
     """
-    got: list[T] = []
+    entered = False
     failure: Exception | None = None
     try:
         async with anyio.create_task_group() as tg:
             tg.start_soon(watcher.watch, tg.cancel_scope)
             try:
-                got.append(await wait())
+                await held.__aenter__()
+                entered = True
             except Exception as exc:
                 failure = exc
             tg.cancel_scope.cancel()
     except BaseException:
-        if got:  # cancelled from outside just as it was granted: never keep it
+        if entered:  # cancelled from outside just as it was granted: never keep the key
             with anyio.CancelScope(shield=True):
-                await undo(got[0])
+                await held.__aexit__(None, None, None)
         raise
     gone = watcher.gone
-    if gone is not None and got:  # granted at the moment the client left: hand it on at once
-        await undo(got[0])
+    if gone is not None and entered:  # granted as the client left: hand the key on at once
+        await held.__aexit__(None, None, None)
     if isinstance(gone, Exception):
         raise gone
     if failure is not None:
         raise failure
-    if gone is not None or not got:
-        return None
-    return got[0]
+    return gone is None and entered

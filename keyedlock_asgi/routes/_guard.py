@@ -18,12 +18,13 @@ from .._http_options import HttpOptions
 from .._lock import Held, KeyedLock
 from .._responses import INVALID_KEY, MISSING_KEY, Rejection, rejection_for
 from .._scope import held_by_outer_layer, record, unrecord
+from .._watcher import Watcher, enter_watching
 from ..keys import _key_is_valid
 
 if TYPE_CHECKING:
     from .._types import Scope
 
-__all__ = ["Rejected", "RouteGuard", "RouteHold", "key_value"]
+__all__ = ["ClientGone", "Rejected", "RouteGuard", "RouteHold", "key_value"]
 
 _REJECTED_BY_LOCK = (LockBusy, LockAborted, QueueFull, LockTimeout, BackendUnavailable)
 
@@ -37,6 +38,13 @@ class Rejected(Exception):
     def __init__(self, rejection: Rejection) -> None:
         super().__init__(rejection.detail)
         self.rejection = rejection
+
+
+class ClientGone(Exception):
+    """The client disconnected while its request queued: the endpoint must not run.
+
+    Nothing is held when this is raised (a grant that came as the client left is given back).
+    """
 
 
 class RouteHold:
@@ -68,10 +76,14 @@ class RouteGuard:
         self.lock = lock
         self.options = options
 
-    async def enter(self, scope: Scope, key: str | None) -> RouteHold:
+    async def enter(
+        self, scope: Scope, key: str | None, watcher: Watcher | None = None
+    ) -> RouteHold:
         """Take `key` for this request, or find it already held by an outer layer.
 
         Raises `Rejected` (nothing held) when the request must be answered without running.
+        With a `watcher`, a request that has to queue reads the request meanwhile (see
+        `_watcher.py`) and raises `ClientGone` (nothing held) if the client leaves first.
         """
         options = self.options
         if key is None:
@@ -87,8 +99,13 @@ class RouteGuard:
         held = lock._hold(key, (), options.hold_options(scope))
         held.context = scope
         try:
-            await held.__aenter__()
+            if watcher is None:
+                await held.__aenter__()
+            elif not held._enter_now() and not await enter_watching(watcher, held):
+                raise ClientGone
         except _REJECTED_BY_LOCK as exc:
+            if watcher is not None and watcher.gone is not None:
+                raise ClientGone from exc
             await self._reject(scope, rejection_for(exc), exc)
         hold = RouteHold(held, owned=True)
         hold.records, hold.ours = record(scope, held)

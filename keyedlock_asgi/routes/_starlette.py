@@ -26,9 +26,11 @@ from starlette.requests import Request
 
 from .._responses import send_rejection
 from .._types import Receive, Scope, Send
+from .._watcher import Watcher
 from ..keys import _resolve_key
 from ._errors import is_failure, renders_by_default, to_http
-from ._guard import Rejected, RouteGuard
+from ._guard import ClientGone, Rejected, RouteGuard
+from ._replay import replay_into
 
 __all__ = ["serialize"]
 
@@ -97,15 +99,21 @@ class _SerializedCall:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         guard = self._guard
         key = self._key
+        watcher = Watcher(receive)
         try:
             value = (key or None) if isinstance(key, str) else await _resolve_key(key, scope)
-            hold = await guard.enter(scope, value)
+            hold = await guard.enter(scope, value, watcher)
+        except ClientGone:
+            return  # the client left while queued: the endpoint never runs
         except Rejected as rejected:
             exc = to_http(rejected)
             if renders_by_default(scope, exc):
                 await send_rejection(send, rejected.rejection)
                 return
             raise exc from rejected.__cause__
+        replay = watcher.replay()
+        if replay is not receive:  # body chunks were read while queued: the endpoint gets them
+            receive = replay_into(self._args[-1], replay)
         try:
             if self._is_async:
                 response = await self._endpoint(*self._args)
