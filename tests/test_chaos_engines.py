@@ -242,8 +242,12 @@ async def test_redis_restarted_under_traffic(setup: Setup, own_redis: OwnRedis) 
             await anyio.sleep(0.02)
     own_redis.kill()
     down_at = time.monotonic()
-    with anyio.fail_after(60):  # down until a worker has noticed (a note in the log)
-        while not any(r["kind"].startswith("note:") for r in setup.resource.rows()):  # noqa: ASYNC110
+
+    def noticed() -> set[str]:
+        return {r["who"] for r in setup.resource.rows() if r["kind"].startswith("note:")}
+
+    with anyio.fail_after(60):  # down until every worker has been refused (a note in the log)
+        while len(noticed()) < len(workers):  # noqa: ASYNC110 - the state is in the log
             await anyio.sleep(0.02)
     own_redis.start()
     await own_redis.ready()
