@@ -21,7 +21,6 @@ from fastapi import Depends
 from starlette.requests import Request
 
 from .._lock import Held
-from .._watcher import Watcher
 from ..keys import _is_scope_extractor, _resolve_key
 from ._errors import LockRejected, is_failure, to_http
 from ._guard import ClientGone, Rejected, RouteGuard, RouteHold, key_value
@@ -86,18 +85,16 @@ def guard_dependency(
 
     async def hold_key(request: Request, key: Any = None) -> AsyncIterator[Held | None]:
         scope = request.scope
-        # FastAPI has read the body already when the endpoint takes one: then only
-        # `http.disconnect` is left for the watcher to see.
-        watcher = Watcher(request.receive)
         try:
-            hold = await guard.enter(scope, await key_of(request, key), watcher)
+            # FastAPI has read the body already when the endpoint takes one: then only
+            # `http.disconnect` is left for the wait to watch.
+            hold = await guard.enter(scope, await key_of(request, key), request.receive)
         except ClientGone as gone:
             raise ClientLeft() from gone
         except Rejected as rejected:
             raise to_http(rejected, FastAPILockRejected) from rejected.__cause__
-        replay = watcher.replay()
-        if replay is not request.receive:
-            replay_into(request, replay)
+        if hold.replay is not None:
+            replay_into(request, hold.replay)
         try:
             yield hold.held
         except BaseException as exc:

@@ -22,7 +22,7 @@ from .._watcher import Watcher, enter_watching
 from ..keys import _key_is_valid
 
 if TYPE_CHECKING:
-    from .._types import Scope
+    from .._types import Receive, Scope
 
 __all__ = ["ClientGone", "Rejected", "RouteGuard", "RouteHold", "key_value"]
 
@@ -50,7 +50,7 @@ class ClientGone(Exception):
 class RouteHold:
     """What the guard did for one request: the hold it took, or the outer one it reused."""
 
-    __slots__ = ("held", "ours", "owned", "records", "started")
+    __slots__ = ("held", "ours", "owned", "records", "replay", "started")
     records: list[Held]
     """The request's `scope["keyedlock"]` list this hold is recorded in (when owned)."""
     ours: bool
@@ -62,6 +62,9 @@ class RouteHold:
         self.owned = owned
         """Whether this guard took the hold (and so must give it back)."""
         self.started = perf_counter() if owned else 0.0
+        self.replay: Receive | None = None
+        """For a request that queued and had body chunks read meanwhile: the `receive` that
+        gives them first, then the rest. None: read the original `receive`."""
 
 
 _PASS = RouteHold(None, False)
@@ -77,13 +80,14 @@ class RouteGuard:
         self.options = options
 
     async def enter(
-        self, scope: Scope, key: str | None, watcher: Watcher | None = None
+        self, scope: Scope, key: str | None, receive: Receive | None = None
     ) -> RouteHold:
         """Take `key` for this request, or find it already held by an outer layer.
 
         Raises `Rejected` (nothing held) when the request must be answered without running.
-        With a `watcher`, a request that has to queue reads the request meanwhile (see
-        `_watcher.py`) and raises `ClientGone` (nothing held) if the client leaves first.
+        Given the request's `receive`, a request that has to queue is watched meanwhile (see
+        `_watcher.py`): `ClientGone` (nothing held) if the client leaves first, and the hold's
+        `replay` gives the body chunks read while it waited.
         """
         options = self.options
         if key is None:
@@ -98,16 +102,21 @@ class RouteGuard:
             return RouteHold(outer, owned=False)
         held = lock._hold(key, (), options.hold_options(scope))
         held.context = scope
+        watcher: Watcher | None = None
         try:
-            if watcher is None:
+            if receive is None:
                 await held.__aenter__()
-            elif not held._enter_now() and not await enter_watching(watcher, held):
-                raise ClientGone
+            elif not held._enter_now():  # it must queue: watch the client meanwhile
+                watcher = Watcher(receive)
+                if not await enter_watching(watcher, held):
+                    raise ClientGone
         except _REJECTED_BY_LOCK as exc:
             if watcher is not None and watcher.gone is not None:
                 raise ClientGone from exc
             await self._reject(scope, rejection_for(exc), exc)
         hold = RouteHold(held, owned=True)
+        if watcher is not None and watcher.messages:
+            hold.replay = watcher.replay()
         hold.records, hold.ours = record(scope, held)
         hooks = options.hooks
         if hooks.on_acquired is not None:

@@ -26,7 +26,6 @@ from starlette.requests import Request
 
 from .._responses import send_rejection
 from .._types import Receive, Scope, Send
-from .._watcher import Watcher
 from ..keys import _resolve_key
 from ._errors import is_failure, renders_by_default, to_http
 from ._guard import ClientGone, Rejected, RouteGuard
@@ -99,10 +98,9 @@ class _SerializedCall:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         guard = self._guard
         key = self._key
-        watcher = Watcher(receive)
         try:
             value = (key or None) if isinstance(key, str) else await _resolve_key(key, scope)
-            hold = await guard.enter(scope, value, watcher)
+            hold = await guard.enter(scope, value, receive)
         except ClientGone:
             return  # the client left while queued: the endpoint never runs
         except Rejected as rejected:
@@ -111,9 +109,8 @@ class _SerializedCall:
                 await send_rejection(send, rejected.rejection)
                 return
             raise exc from rejected.__cause__
-        replay = watcher.replay()
-        if replay is not receive:  # body chunks were read while queued: the endpoint gets them
-            receive = replay_into(self._args[-1], replay)
+        if hold.replay is not None:  # body chunks were read while queued: the endpoint gets them
+            receive = replay_into(self._args[-1], hold.replay)
         try:
             if self._is_async:
                 response = await self._endpoint(*self._args)
