@@ -28,7 +28,7 @@ OnReleased: TypeAlias = "Callable[[Scope, Held, float], Awaitable[None] | None]"
 OnRejected: TypeAlias = "Callable[[Scope, Rejection], Awaitable[None] | None]"
 """`on_rejected(scope, rejection)`: the request was answered without running
 (`rejection.reason`: busy, aborted, queue_full, timeout, backend_unavailable, missing_key,
-invalid_key)."""
+invalid_key, body_too_large)."""
 
 
 class Hooks:

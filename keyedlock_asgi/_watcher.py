@@ -86,7 +86,9 @@ async def enter_watching(watcher: Watcher, held: Held) -> bool:
         async with anyio.create_task_group() as tg:
             tg.start_soon(watcher.watch, tg.cancel_scope)
             try:
-                await held.__aenter__()
+                # Without `max_hold`'s limit: a cancel scope must not be entered inside this
+                # task group; the caller starts it once the group is left.
+                await held._acquire()
                 entered = True
             except Exception as exc:
                 failure = exc

@@ -17,7 +17,7 @@ import anyio
 import anyio.lowlevel
 import pytest
 
-from keyedlock_asgi import BackendUnavailable, KeyedLock, LockBusy, LockTimeout
+from keyedlock_asgi import BackendUnavailable, HoldExpired, KeyedLock, LockBusy, LockTimeout
 from keyedlock_asgi._responses import rejection_for
 from keyedlock_asgi.backends import _redis_scripts
 from keyedlock_asgi.backends.redis import LeaseLost, RedisBackend
@@ -304,6 +304,39 @@ async def test_max_hold_ends_the_lease_and_reports_it(
     assert lost[0].reason == "max_hold"
     assert lost[0].token == log[0][1]
     assert lost[0].held_for >= 1.49  # reported when the lease ran out at max_hold, not before
+    assert await leftovers(raw, namespace) == []
+
+
+async def test_a_lost_lease_revokes_a_bounded_hold(
+    make_backend: Callable[..., RedisBackend], raw: Any, namespace: str
+) -> None:
+    """With `max_hold` on the hold, a lease lost first (here: renewal capped by the engine's
+    own max_hold) revokes it the same way: the block is cancelled and leaving raises
+    HoldExpired naming the cause. The engine hands the key on when the lease ends, which can be
+    before the old block has unwound: the larger fencing token is what refuses a late write."""
+    holder = KeyedLock(backend=make_backend(lease=1.0, max_hold=1.5), max_hold=60)
+    waiter = KeyedLock(backend=make_backend(lease=5))
+    log: list[tuple[str, int]] = []
+
+    async def wait_in_line() -> None:
+        async with waiter.hold("k") as held:
+            log.append(("waiter-enter", held.token))
+
+    async def hold_until_revoked(tg: anyio.abc.TaskGroup) -> None:
+        async with holder.hold("k") as held:
+            log.append(("holder-enter", held.token))
+            tg.start_soon(wait_in_line)
+            try:
+                await anyio.sleep_forever()
+            finally:
+                log.append(("holder-unwound", held.token))
+
+    async with anyio.create_task_group() as tg:
+        with pytest.raises(HoldExpired, match="lease"):
+            await hold_until_revoked(tg)
+    assert log[0][0] == "holder-enter"
+    assert {event for event, _ in log[1:]} == {"holder-unwound", "waiter-enter"}
+    assert dict(log)["waiter-enter"] > dict(log)["holder-enter"]
     assert await leftovers(raw, namespace) == []
 
 

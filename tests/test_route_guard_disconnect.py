@@ -229,3 +229,54 @@ async def test_in_process_a_leaver_never_runs_and_a_runner_reads_its_whole_body(
     assert leaver.sent == []
     assert runner.status == 200
     assert local.stats().active_keys == 0
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("form", ["depends", "decorator"])
+async def test_in_process_fastapi_leaver_never_runs_and_runner_reads_its_body(form: str) -> None:
+    """`lock.depends` and the decorator on FastAPI, driven by raw ASGI messages: the leaver
+    disconnects while queued and is answered nothing that reaches it (499 to a gone client),
+    its endpoint never runs; the runner's chunks read while queued reach the endpoint."""
+    local = KeyedLock()
+    ran: list[tuple[str, bytes]] = []
+    holding, release_holder = anyio.Event(), anyio.Event()
+    served = FastAPI()
+
+    async def work(request: Request, n: str) -> dict[str, int]:
+        body = await request.body()
+        ran.append((n, body))
+        if n == "holder":
+            holding.set()
+            await release_holder.wait()
+        return {"length": len(body)}
+
+    if form == "depends":
+        served.post("/", dependencies=[local.depends("k")])(work)
+    else:
+        served.post("/")(local.serialize("k")(work))
+
+    def request(name: str) -> RawRequest:
+        raw = RawRequest([])
+        raw.scope["query_string"] = f"n={name}".encode()
+        return raw
+
+    holder, leaver, runner = request("holder"), request("leaver"), request("runner")
+    holder.push({"type": "http.request", "body": b"h", "more_body": False})
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(holder.run, served)
+        await holding.wait()
+        tg.start_soon(leaver.run, served)
+        await wait_until(lambda: local.waiting("k") == 1, "leaver queued")
+        leaver.disconnect.set()
+        await leaver.done.wait()
+        assert local.waiting("k") == 0
+        tg.start_soon(runner.run, served)
+        await wait_until(lambda: local.waiting("k") == 1, "runner queued")
+        runner.push({"type": "http.request", "body": b"one,", "more_body": True})
+        runner.push({"type": "http.request", "body": b"two", "more_body": False})
+        await wait_until(lambda: runner.received == 2, "runner's chunks read while queued")
+        release_holder.set()
+    assert ran == [("holder", b"h"), ("runner", b"one,two")]
+    assert leaver.status == 499
+    assert runner.status == 200
+    assert local.stats().active_keys == 0

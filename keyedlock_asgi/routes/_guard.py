@@ -114,6 +114,8 @@ class RouteGuard:
             if watcher is not None and watcher.gone is not None:
                 raise ClientGone from exc
             await self._reject(scope, rejection_for(exc), exc)
+        if receive is not None and held._options.max_hold is not None:
+            held._start_limit()  # what `__aenter__` does: `_enter_now` and the wait leave it out
         hold = RouteHold(held, owned=True)
         if watcher is not None and watcher.messages:
             hold.replay = watcher.replay()
