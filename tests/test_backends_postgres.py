@@ -24,6 +24,7 @@ from tests.support.engine_pgbouncer import ROUTES, routed_backend
 from tests.support.engine_postgres import PG_DSN, postgres_backend, require_postgres
 from tests.support.loop_thread import LoopThread
 from tests.support.server import free_port
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.anyio
 
@@ -58,13 +59,6 @@ async def advisory_locks(pg: Any, namespace: str) -> list[tuple[int, int, bool]]
         f"keyedlock:{namespace}",
     )
     return [(r["pid"], r["id"], r["granted"]) for r in rows]
-
-
-async def until(condition: Any, what: str, limit: float = 10.0) -> None:
-    """Readiness wait on an observable condition (not an assertion about time)."""
-    with anyio.fail_after(limit):
-        while not await condition():  # noqa: ASYNC110 - the condition lives in the server
-            await anyio.sleep(0.005)
 
 
 def pair(namespace: str, mode: str = "session", **options: Any) -> tuple[KeyedLock, KeyedLock]:
@@ -176,7 +170,7 @@ async def test_cancelled_waiter_leaves_the_queue(pg: Any) -> None:
             async def queued() -> bool:
                 return any(not granted for *_, granted in await advisory_locks(pg, namespace))
 
-            await until(queued, "b waits in the server")
+            await wait_until(queued, "b waits in the server")
             tg.cancel_scope.cancel()
         rows = await advisory_locks(pg, namespace)
         assert [granted for *_, granted in rows] == [True]
@@ -209,7 +203,7 @@ async def test_cancel_racing_the_grant_never_strands_the_key(pg: Any, mode: str)
         async def b_waits() -> bool:
             return any(not granted for *_, granted in await advisory_locks(pg, namespace))
 
-        await until(b_waits, "b waits in the server")
+        await wait_until(b_waits, "b waits in the server")
         [b_pid] = [pid for pid, _, granted in await advisory_locks(pg, namespace) if not granted]
         with other.freeze():
             await held.__aexit__(None, None, None)
@@ -219,7 +213,7 @@ async def test_cancel_racing_the_grant_never_strands_the_key(pg: Any, mode: str)
                     (b_pid, key_id(namespace, "k"), True)
                 ]
 
-            await until(granted_to_b, "the server grants b")
+            await wait_until(granted_to_b, "the server grants b")
             task.cancel()  # runs on b's loop before it reads the grant
         with pytest.raises(asyncio.CancelledError):
             await asyncio.wrap_future(task)
@@ -227,7 +221,7 @@ async def test_cancel_racing_the_grant_never_strands_the_key(pg: Any, mode: str)
         async def nothing_held() -> bool:
             return await advisory_locks(pg, namespace) == []
 
-        await until(nothing_held, "b's cleanup gives the key back")  # fails if stranded
+        await wait_until(nothing_held, "b's cleanup gives the key back")  # fails if stranded
         assert entered == []  # b never ran: it was cancelled with the grant unread
         async with a.hold("k", timeout=0):
             pass
@@ -282,11 +276,11 @@ async def test_terminated_holder_connection_hands_over_and_reports_lost(pg: Any)
             async def queued() -> bool:
                 return any(not g for *_, g in await advisory_locks(pg, namespace))
 
-            await until(queued, "b waits")
+            await wait_until(queued, "b waits")
             [holder_pid] = [pid for pid, _, g in await advisory_locks(pg, namespace) if g]
             events.append("holder terminated")
             assert await pg.fetchval("SELECT pg_terminate_backend($1)", holder_pid)
-        await until(_async(lambda: bool(lost)), "a is told")
+        await wait_until(lambda: bool(lost), "a is told")
     assert events == ["holder terminated", "b granted"]
     assert (lost[0].token, lost[0].key) == (held.token, "k")
     await close(a, b)
@@ -317,7 +311,7 @@ async def test_frozen_holder_loses_the_key_after_the_lease(pg: Any, mode: str) -
                 b_granted = monotonic()
             assert lost == []  # frozen: it cannot know yet
         assert later.token > token
-        await until(_async(lambda: bool(lost)), "a is told once its loop runs again")
+        await wait_until(lambda: bool(lost), "a is told once its loop runs again")
         assert b_granted - a_granted >= lease - 0.05  # the server waited out the lease
         assert lost[0].token == token
         await frozen.run(held.__aexit__(None, None, None))
@@ -462,10 +456,3 @@ async def test_aclose_releases_open_holds(pg: Any) -> None:
         pass
     await hold.__aexit__(None, None, None)  # the later release is a no-op
     await close(b)
-
-
-def _async(predicate: Any) -> Any:
-    async def check() -> bool:
-        return bool(predicate())
-
-    return check

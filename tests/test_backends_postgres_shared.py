@@ -22,6 +22,7 @@ from keyedlock_asgi.backends.postgres import PostgresBackend
 from tests.support.engine_pgbouncer import ROUTES, routed_backend
 from tests.support.engine_postgres import PG_DSN, postgres_backend, require_postgres
 from tests.support.lockwatch import Timeline
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.anyio
 
@@ -139,9 +140,11 @@ class Party:
 
     async def until(self, condition: Any, what: str) -> None:
         """Bounded readiness wait on the server's lock table."""
-        with anyio.fail_after(LIMIT):
-            while not condition(await lock_rows(self.pg, self.namespace)):  # noqa: ASYNC110 - the state lives in the server
-                await anyio.sleep(0.005)
+
+        async def holds() -> bool:
+            return bool(condition(await lock_rows(self.pg, self.namespace)))
+
+        await wait_until(holds, what, limit=LIMIT)
 
     async def inside(self, *who: str) -> None:
         """Wait until exactly `who` are inside."""

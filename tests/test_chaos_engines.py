@@ -30,6 +30,7 @@ from tests.support.chaos import Worker
 from tests.support.chaos_resource import Resource, Verdict, check
 from tests.support.engine_postgres import PG_DSN, postgres_backend, require_postgres
 from tests.support.own_redis import OwnRedis
+from tests.support.waiting import wait_until
 
 pytestmark = [
     pytest.mark.anyio,
@@ -237,18 +238,15 @@ async def test_redis_restarted_under_traffic(setup: Setup, own_redis: OwnRedis) 
     def enters(after: float = 0.0) -> list[Any]:
         return [r for r in setup.resource.rows() if r["kind"] == "enter" and r["t"] > after]
 
-    with anyio.fail_after(60):
-        while len(enters()) < 20:  # noqa: ASYNC110 - the progress lives in another process
-            await anyio.sleep(0.02)
+    await wait_until(lambda: len(enters()) >= 20, "20 holds before the kill", limit=60)
     own_redis.kill()
     down_at = time.monotonic()
 
     def noticed() -> set[str]:
         return {r["who"] for r in setup.resource.rows() if r["kind"].startswith("note:")}
 
-    with anyio.fail_after(60):  # down until every worker has been refused (a note in the log)
-        while len(noticed()) < len(workers):  # noqa: ASYNC110 - the state is in the log
-            await anyio.sleep(0.02)
+    # Down until every worker has been refused (a note in the log).
+    await wait_until(lambda: len(noticed()) == len(workers), "every worker refused", limit=60)
     own_redis.start()
     await own_redis.ready()
     up_at = time.monotonic()

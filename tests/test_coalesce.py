@@ -9,15 +9,9 @@ import anyio
 import pytest
 
 from keyedlock_asgi import KeyedLock
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.anyio
-
-
-async def until(predicate: object) -> None:
-    """Let other tasks run until `predicate()` holds (bounded: fails loudly)."""
-    with anyio.fail_after(10):
-        while not predicate():  # type: ignore[operator]
-            await anyio.lowlevel.checkpoint()
 
 
 async def test_100_concurrent_callers_make_one_call() -> None:
@@ -37,7 +31,7 @@ async def test_100_concurrent_callers_make_one_call() -> None:
     async with anyio.create_task_group() as tg:
         for n in range(100):
             tg.start_soon(caller, n)
-        await until(lambda: len(calls) == 1)
+        await wait_until(lambda: len(calls) == 1, "len(calls) == 1")
         await anyio.wait_all_tasks_blocked()
         release.set()
     assert len(calls) == 1
@@ -59,7 +53,7 @@ async def test_other_keys_run_their_own_call() -> None:
     async with anyio.create_task_group() as tg:
         for key in ("a", "b", "a", "b"):
             tg.start_soon(lock.coalesce, key, load, key)
-        await until(lambda: len(inside) == 2)
+        await wait_until(lambda: len(inside) == 2, "len(inside) == 2")
         await anyio.wait_all_tasks_blocked()
         release.set()
     assert sorted(inside) == ["a", "b"]
@@ -136,7 +130,7 @@ async def test_exception_reaches_every_waiter() -> None:
     async with anyio.create_task_group() as tg:
         for _ in range(10):
             tg.start_soon(caller)
-        await until(lambda: calls == 1)
+        await wait_until(lambda: calls == 1, "calls == 1")
         await anyio.wait_all_tasks_blocked()
         release.set()
     assert calls == 1

@@ -355,6 +355,7 @@ async def test_multi_worker_redis_two_workers_in_process(redis_example: ModuleTy
         await redis.aclose()
 
 
+@pytest.mark.multiprocess
 def test_multi_worker_redis_under_uvicorn_with_four_workers(redis_example: ModuleType) -> None:
     import uuid
 

@@ -20,7 +20,8 @@ from starlette.routing import Route
 
 from keyedlock_asgi import IdempotencyMiddleware, KeyedLock, keys
 from keyedlock_asgi.stores import MemoryStore, StoredResponse
-from tests.support.middleware import RawRequest, client, wait_until
+from tests.support.middleware import RawRequest, client
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.anyio
 KEY = {"Idempotency-Key": "k-1"}

@@ -10,7 +10,8 @@ import anyio.lowlevel
 import pytest
 
 from keyedlock_asgi import HoldExpired, KeyedLock, LockClosed, LockEvent, LockStats
-from tests.support.lockwatch import Timeline, until
+from tests.support.lockwatch import Timeline
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.anyio
 
@@ -45,7 +46,7 @@ async def test_a_hanging_holder_is_revoked_and_the_key_passes_on(make_lock: Make
 
     async with anyio.create_task_group() as tg:
         tg.start_soon(hanging)
-        await until(lambda: lock.locked("k"))
+        await wait_until(lambda: lock.locked("k"), "lock.locked('k')")
         tg.start_soon(next_one)
     assert timeline.entries("k") == ["hanging", "next"]
     assert timeline.most["k"] == 1
@@ -110,9 +111,9 @@ async def test_drain_refuses_new_holds_and_waits_for_the_queued(make_lock: MakeL
         tg.start_soon(holder)
         await inside.wait()
         tg.start_soon(queued)
-        await until(lambda: lock.waiting("k") == 1)
+        await wait_until(lambda: lock.waiting("k") == 1, "lock.waiting('k') == 1")
         tg.start_soon(drain)
-        await until(lambda: lock.closed)
+        await wait_until(lambda: lock.closed, "lock.closed")
         with pytest.raises(LockClosed):
             async with lock.hold("other"):
                 pass

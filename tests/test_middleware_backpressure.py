@@ -22,6 +22,7 @@ from starlette.routing import Route
 
 from keyedlock_asgi import KeyedLock, KeyedLockMiddleware, keys
 from tests.support.server import uvicorn_server
+from tests.support.waiting import wait_until
 
 # -- the app uvicorn serves (imported by the server process) -----------------------------------
 
@@ -94,13 +95,14 @@ BODY = os.urandom(4 * 1024 * 1024)
 
 
 async def poll(http: httpx.AsyncClient, what: str, ready: Any) -> dict[str, Any]:
-    """Ask `/state` until `ready(state)` (a bounded readiness probe across processes)."""
-    for _ in range(2000):
-        found: dict[str, Any] = (await http.get("/state")).json()
-        if ready(found):
-            return found
-        await anyio.sleep(0.01)
-    raise AssertionError(f"never reached: {what}")
+    """The server's `/state` once `ready(state)` holds (it lives in the server process)."""
+
+    async def found() -> dict[str, Any] | None:
+        state: dict[str, Any] = (await http.get("/state")).json()
+        return state if ready(state) else None
+
+    result: dict[str, Any] = await wait_until(found, what, limit=30)
+    return result
 
 
 @pytest.mark.anyio

@@ -9,7 +9,7 @@ import anyio
 import pytest
 
 from keyedlock_asgi import HoldExpired, KeyedLock, KeyedLockMiddleware, keys
-from tests.support.lockwatch import until
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.anyio
 
@@ -73,9 +73,9 @@ async def test_an_app_hanging_before_its_response_gets_503_and_the_key_moves_on(
 
     async with anyio.create_task_group() as tg:
         tg.start_soon(run, "/hang")
-        await until(lambda: lock.locked("u1"))
+        await wait_until(lambda: lock.locked("u1"), "lock.locked('u1')")
         tg.start_soon(run, "/next")
-        await until(lambda: lock.waiting("u1") == 1)
+        await wait_until(lambda: lock.waiting("u1") == 1, "lock.waiting('u1') == 1")
     status, headers = status_and_headers(results["/hang"])
     assert status == 503
     assert int(headers[b"retry-after"]) >= 1

@@ -25,8 +25,9 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from keyedlock_asgi import KeyedLock
-from tests.support.middleware import RawRequest, wait_until
+from tests.support.middleware import RawRequest
 from tests.support.server import uvicorn_server
+from tests.support.waiting import wait_until
 
 # -- the app uvicorn serves (imported by the server process) -----------------------------------
 
@@ -117,13 +118,14 @@ def body_for(form: str, size: int) -> tuple[bytes, bytes]:
 
 
 async def poll(http: httpx.AsyncClient, form: str, what: str, ready: Any) -> dict[str, Any]:
-    """Ask the server's state until `ready(state)` (a bounded readiness probe across processes)."""
-    for _ in range(2000):
-        found: dict[str, Any] = (await http.get(f"/state/{form}")).json()
-        if ready(found):
-            return found
-        await anyio.sleep(0.01)
-    raise AssertionError(f"never reached: {what}")
+    """The server's state once `ready(state)` holds (it lives in the server process)."""
+
+    async def found() -> dict[str, Any] | None:
+        state: dict[str, Any] = (await http.get(f"/state/{form}")).json()
+        return state if ready(state) else None
+
+    result: dict[str, Any] = await wait_until(found, what, limit=30)
+    return result
 
 
 @pytest.fixture(scope="module")
