@@ -1,9 +1,10 @@
 """`KeyedLockMiddleware`: serialize same-key HTTP requests in any ASGI app (pure ASGI).
 
 The middleware object holds configuration only; per-request state lives in locals and, for a
-request that has to queue, in a small `_Watcher`. The uncontended path takes the key without
-yielding to the event loop and starts no task; only a request that must wait gets a watcher
-that reads `receive()` (buffering body chunks, spotting a disconnect) while it queues.
+request that has to queue, in a `Watcher` (`_watcher.py`). The uncontended path takes the key
+without yielding to the event loop and starts no task; only a request that must wait gets a
+watcher that reads `receive()` (buffering body chunks up to a limit, spotting a disconnect)
+while it queues.
 `__call__` itself is a plain function: a request that is not locked gets the wrapped app's own
 awaitable, with no coroutine of ours in between.
 """
@@ -12,13 +13,10 @@ from __future__ import annotations
 
 import inspect
 import logging
-from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from time import perf_counter
 from types import FunctionType
 from typing import Any, Literal, NoReturn, TypeAlias
-
-import anyio
 
 from . import keys as _keys
 from ._errors import HoldExpired, KeyedLockError, LockReentryError
@@ -27,7 +25,6 @@ from ._http_options import http_options
 from ._lock import Held, KeyedLock
 from ._options import LOCK_DEFAULT, LockDefault, OnError
 from ._responses import (
-    BODY_TOO_LARGE,
     INVALID_KEY,
     MISSING_KEY,
     Rejection,
@@ -38,10 +35,9 @@ from ._runtime import mark_coroutine_function
 from ._scope import SCOPE_KEY, held_by_outer_layer, record, unrecord
 from ._templates import RouteFilter
 from ._types import ASGIApp, Message, Receive, Scope, Send
+from ._watcher import DEFAULT_MAX_BUFFERED_BODY, Watcher, enter_watching
 
 __all__ = ["BusyResponse", "KeyedLockMiddleware"]
-
-DEFAULT_MAX_BUFFERED_BODY = 1024 * 1024
 
 logger = logging.getLogger("keyedlock_asgi")
 
@@ -296,42 +292,17 @@ class KeyedLockMiddleware:
 
     async def _wait_then_run(self, held: Held, scope: Scope, receive: Receive, send: Send) -> None:
         """Queue for the key while a watcher reads `receive()`; run the app once granted."""
-        watcher = _Watcher(receive, self.max_buffered_body)
-        error: KeyedLockError | None = None
-        failure: Exception | None = None  # raised after the task group, not wrapped in a group
-        entered = False
+        watcher = Watcher(receive, self.max_buffered_body)
         try:
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(watcher.watch, tg.cancel_scope)
-                try:
-                    await held._acquire()  # `max_hold` starts in `_run`, outside this group
-                    entered = True
-                except LockReentryError as exc:
-                    failure = exc
-                except KeyedLockError as exc:
-                    error = exc
-                except Exception as exc:
-                    failure = exc
-                tg.cancel_scope.cancel()
-        except BaseException:
-            # Cancelled from outside while the watcher stopped: never keep a granted key.
-            if entered:
-                with anyio.CancelScope(shield=True):
-                    await held.__aexit__(None, None, None)
+            granted = await enter_watching(watcher, held)  # `max_hold` starts in `_run`
+        except LockReentryError:
             raise
-        if failure is not None:
-            raise failure
-        if watcher.gone is not None:
-            if entered:  # granted at the very moment the client left: hand the key on at once
-                await held.__aexit__(None, None, None)
-            if isinstance(watcher.gone, Exception):
-                raise watcher.gone
-            if watcher.gone == "too_large":
-                await self._reject(scope, watcher.replay(), send, BODY_TOO_LARGE)
-            return  # disconnected: the client is gone, the app never sees this request
-        if error is not None:
-            await self._reject(scope, watcher.replay(), send, rejection_for(error))
+        except KeyedLockError as exc:
+            if watcher.gone is None:
+                await self._reject(scope, watcher.replay(), send, rejection_for(exc))
             return
+        if not granted:
+            return  # disconnected: the client is gone, the app never sees this request
         await self._run(held, scope, watcher.replay(), send)
 
     async def _reject(
@@ -362,50 +333,6 @@ class _ResponseStart:
         if message["type"] == "http.response.start":
             self.started = True
         await self._send(message)
-
-
-class _Watcher:
-    """While a request queues: buffer what `receive()` gives, notice the client leaving."""
-
-    __slots__ = ("buffered", "gone", "limit", "messages", "receive")
-
-    def __init__(self, receive: Receive, limit: int) -> None:
-        self.receive = receive
-        self.limit = limit
-        self.messages: deque[Message] = deque()
-        self.buffered = 0
-        self.gone: Literal["disconnected", "too_large"] | Exception | None = None
-
-    async def watch(self, cancel_scope: anyio.CancelScope) -> None:
-        receive = self.receive
-        try:
-            while True:
-                message = await receive()
-                if message["type"] == "http.disconnect":
-                    self.gone = "disconnected"
-                    break
-                self.buffered += len(message.get("body", b""))
-                if self.buffered > self.limit:
-                    self.gone = "too_large"
-                    break
-                self.messages.append(message)
-        except Exception as exc:  # the server's receive failed: give up waiting, re-raise after
-            self.gone = exc
-        cancel_scope.cancel()
-
-    def replay(self) -> Receive:
-        """A `receive` that returns the buffered messages first, in order, then the real ones."""
-        messages = self.messages
-        receive = self.receive
-        if not messages:
-            return receive
-
-        async def replay() -> Message:
-            if messages:
-                return messages.popleft()
-            return await receive()
-
-        return replay
 
 
 def _with_server_timing(send: Send, waited: float) -> Send:

@@ -61,8 +61,8 @@ _BY_ERROR: dict[type[KeyedLockError], tuple[str, int, str]] = {
 
 MISSING_KEY = Rejection("missing_key", 400, "This request needs a lock key and has none.", None)
 INVALID_KEY = Rejection("invalid_key", 400, "The request's lock key is invalid.", None)
-BODY_TOO_LARGE = Rejection(
-    "body_too_large", 413, "The request body is too large to hold while waiting.", None
+BODY_TOO_LARGE = Rejection(  # IdempotencyMiddleware's max_request_body; never a queued request
+    "body_too_large", 413, "The request body is too large.", None
 )
 
 # Idempotent requests (IdempotencyMiddleware); a duplicate still in flight gets LockBusy's 409.

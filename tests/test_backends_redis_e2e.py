@@ -12,19 +12,22 @@ import contextlib
 import json
 import os
 import signal
-import subprocess
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import anyio
 import httpx
 import pytest
 
-from tests.support.engine_redis import REDIS_URL, ping, require_redis
-from tests.support.server import free_port, uvicorn_server, uvicorn_servers
+from tests.support import own_redis as own_redis_support
+from tests.support.engine_redis import REDIS_URL, require_redis
+from tests.support.own_redis import OwnRedis
+from tests.support.server import uvicorn_server, uvicorn_servers
 from tests.support.waiting import wait_until
+
+own_redis = own_redis_support.own_redis  # the fixture
 
 pytestmark = [pytest.mark.anyio, pytest.mark.multiprocess]
 APP = "tests.apps.redis_checkout:app"
@@ -158,62 +161,6 @@ async def test_killed_holder_frees_the_key_within_its_lease(namespace: str, raw:
     assert successor["token"] > victim["token"]
     gap = successor["t"] - killed_at
     assert 0 < gap <= lease + 1.0, f"the key came free {gap:.3f} s after the kill"
-
-
-class OwnRedis:
-    """A private redis-server on a free port that a test may kill and restart."""
-
-    def __init__(self) -> None:
-        self.port = free_port()
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(
-            [
-                "redis-server",
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--daemonize",
-                "no",
-                "--loglevel",
-                "warning",
-            ],
-            stdout=subprocess.DEVNULL,
-        )
-
-    async def ready(self) -> None:
-        with anyio.fail_after(15):
-            while ping("127.0.0.1", self.port, 0.2) is not None:  # noqa: ASYNC110
-                await anyio.sleep(0.02)
-
-    def kill(self) -> None:
-        assert self.proc is not None
-        self.proc.kill()
-        self.proc.wait()
-
-
-@pytest.fixture
-def own_redis() -> Iterator[OwnRedis]:
-    try:
-        server = OwnRedis()
-        server.start()
-    except FileNotFoundError:
-        from tests.conftest import service_missing
-
-        service_missing("redis-server", "the executable is not on PATH")
-    yield server
-    if server.proc is not None and server.proc.poll() is None:
-        server.kill()
 
 
 async def test_redis_restart_under_traffic(namespace: str, raw: Any, own_redis: OwnRedis) -> None:

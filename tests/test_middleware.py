@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import pytest
 from starlette.applications import Starlette
 from starlette.background import BackgroundTask
@@ -369,7 +370,29 @@ async def test_body_chunks_received_while_waiting_are_replayed_in_order() -> Non
     assert lock.stats().active_keys == 0
 
 
-async def test_body_over_the_buffer_limit_gets_413_and_leaves_queue() -> None:
+def reads_of(request: RawRequest, holder: RawRequest) -> list[tuple[bytes, bool]]:
+    """Wrap `request.receive` to record each message read: (body, whether `holder` was done)."""
+    reads: list[tuple[bytes, bool]] = []
+    receive = request.receive
+
+    async def recorded() -> dict[str, Any]:
+        message = await receive()
+        reads.append((message.get("body", message["type"].encode()), holder.done.is_set()))
+        return message
+
+    request.receive = recorded  # type: ignore[method-assign]
+    return reads
+
+
+async def some_turns() -> None:
+    """Give every ready task many turns of the event loop (no clock involved)."""
+    for _ in range(200):
+        await anyio.lowlevel.checkpoint()
+
+
+async def test_body_over_the_buffer_limit_waits_and_reaches_app_in_order() -> None:
+    """Backpressure: past the limit the watcher stops reading, the request keeps its place,
+    and the app reads the buffered chunks, then the rest from the server, byte for byte."""
     lock = KeyedLock()
     calls: list[bytes] = []
     inside, release = anyio.Event(), anyio.Event()
@@ -382,18 +405,95 @@ async def test_body_over_the_buffer_limit_gets_413_and_leaves_queue() -> None:
     holder = RawRequest([(b"x-user", b"alice")])
     holder.push({"type": "http.request", "body": b"h", "more_body": False})
     big = RawRequest([(b"x-user", b"alice")])
-    big.push({"type": "http.request", "body": b"x" * 6, "more_body": True})
-    big.push({"type": "http.request", "body": b"x" * 6, "more_body": False})
+    reads = reads_of(big, holder)
     async with anyio.create_task_group() as tg:
         tg.start_soon(holder.run, app)
         await inside.wait()
         tg.start_soon(big.run, app)
-        await big.done.wait()
-        assert big.status == 413
-        assert "retry-after" not in dict(big.sent[0]["headers"])
+        await wait_until(lambda: lock.waiting("alice") == 1, "big queued")
+        big.push({"type": "http.request", "body": b"a" * 6, "more_body": True})
+        big.push({"type": "http.request", "body": b"b" * 6, "more_body": True})  # 12 >= 10
+        await wait_until(lambda: big.received == 2, "two chunks read while waiting")
+        big.push({"type": "http.request", "body": b"c" * 6, "more_body": True})
+        big.push({"type": "http.request", "body": b"d", "more_body": False})
+        await some_turns()
+        assert big.received == 2  # the watcher stopped reading at the limit
+        assert lock.waiting("alice") == 1  # and the request kept its place
+        assert big.sent == []
+        release.set()
+    assert big.status == 200
+    assert calls == [b"h", b"a" * 6 + b"b" * 6 + b"c" * 6 + b"d"]
+    assert big.sent[-1]["body"] == calls[1]
+    # The first two chunks were read while the holder was inside, the rest after it left.
+    assert reads == [(b"a" * 6, False), (b"b" * 6, False), (b"c" * 6, True), (b"d", True)]
+    assert lock.stats().active_keys == 0
+
+
+async def test_disconnect_before_the_buffer_limit_leaves_the_queue() -> None:
+    lock = KeyedLock()
+    calls: list[bytes] = []
+    inside, release = anyio.Event(), anyio.Event()
+    app = KeyedLockMiddleware(
+        raw_app(calls, inside, release),
+        key=keys.header("x-user"),
+        lock=lock,
+        max_buffered_body=10,
+    )
+    holder = RawRequest([(b"x-user", b"alice")])
+    holder.push({"type": "http.request", "body": b"h", "more_body": False})
+    leaver = RawRequest([(b"x-user", b"alice")])
+    leaver.push({"type": "http.request", "body": b"x" * 9, "more_body": True})  # under the limit
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(holder.run, app)
+        await inside.wait()
+        tg.start_soon(leaver.run, app)
+        await wait_until(lambda: leaver.received == 1, "leaver's chunk read while waiting")
+        leaver.disconnect.set()
+        await leaver.done.wait()
         assert lock.waiting("alice") == 0
         release.set()
     assert calls == [b"h"]
+    assert leaver.sent == []
+    assert lock.stats().active_keys == 0
+
+
+async def test_disconnect_after_the_buffer_limit_is_seen_by_the_app() -> None:
+    """Past the limit nothing reads `receive()` while queued: the app notices the client left
+    when it reads (the body it gets is what arrived, then `http.disconnect`)."""
+    lock = KeyedLock()
+    seen: list[dict[str, Any]] = []
+    inside, release = anyio.Event(), anyio.Event()
+
+    async def inner(scope: Any, receive: Any, send: Any) -> None:
+        if dict(scope["headers"])[b"x-role"] == b"holder":
+            inside.set()
+            await release.wait()
+        else:
+            while True:
+                message = await receive()
+                seen.append(message)
+                if not message.get("more_body"):
+                    break
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    app = KeyedLockMiddleware(inner, key=keys.header("x-user"), lock=lock, max_buffered_body=10)
+    holder = RawRequest([(b"x-user", b"alice"), (b"x-role", b"holder")])
+    leaver = RawRequest([(b"x-user", b"alice"), (b"x-role", b"leaver")])
+    leaver.push({"type": "http.request", "body": b"x" * 12, "more_body": True})
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(holder.run, app)
+        await inside.wait()
+        tg.start_soon(leaver.run, app)
+        await wait_until(lambda: leaver.received == 1, "chunk read while waiting")
+        leaver.disconnect.set()
+        await some_turns()
+        assert lock.waiting("alice") == 1  # nobody reads receive() now: it stays queued
+        release.set()
+    assert seen == [
+        {"type": "http.request", "body": b"x" * 12, "more_body": True},
+        {"type": "http.disconnect"},
+    ]
     assert lock.stats().active_keys == 0
 
 

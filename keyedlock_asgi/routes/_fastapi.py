@@ -23,7 +23,8 @@ from starlette.requests import Request
 from .._lock import Held
 from ..keys import _is_scope_extractor, _resolve_key
 from ._errors import LockRejected, is_failure, to_http
-from ._guard import Rejected, RouteGuard, RouteHold, key_value
+from ._guard import ClientGone, Rejected, RouteGuard, RouteHold, key_value
+from ._replay import replay_into
 
 __all__ = ["FastAPILockRejected", "depends", "guard_dependency"]
 
@@ -36,6 +37,17 @@ class FastAPILockRejected(fastapi.HTTPException, LockRejected):
 def depends(guard: RouteGuard, key: Any) -> Any:
     """`Depends(...)` for `dependencies=[...]` or a parameter (`held: Held | None = ...`)."""
     return _request_scoped(guard_dependency(guard, key, from_dependency=True))
+
+
+class ClientLeft(fastapi.HTTPException):
+    """The client disconnected while its request queued: the endpoint does not run.
+
+    A dependency can only stop a request by raising; this one is answered 499 (nginx's "client
+    closed request"), which no client receives: the server drops it.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(499, "Client closed the request while it waited for its lock key.")
 
 
 def guard_dependency(
@@ -74,9 +86,15 @@ def guard_dependency(
     async def hold_key(request: Request, key: Any = None) -> AsyncIterator[Held | None]:
         scope = request.scope
         try:
-            hold = await guard.enter(scope, await key_of(request, key))
+            # FastAPI has read the body already when the endpoint takes one: then only
+            # `http.disconnect` is left for the wait to watch.
+            hold = await guard.enter(scope, await key_of(request, key), request.receive)
+        except ClientGone as gone:
+            raise ClientLeft() from gone
         except Rejected as rejected:
             raise to_http(rejected, FastAPILockRejected) from rejected.__cause__
+        if hold.replay is not None:
+            replay_into(request, hold.replay)
         try:
             yield hold.held
         except BaseException as exc:

@@ -18,12 +18,13 @@ from .._http_options import HttpOptions
 from .._lock import Held, KeyedLock
 from .._responses import INVALID_KEY, MISSING_KEY, Rejection, rejection_for
 from .._scope import held_by_outer_layer, record, unrecord
+from .._watcher import Watcher, enter_watching
 from ..keys import _key_is_valid
 
 if TYPE_CHECKING:
-    from .._types import Scope
+    from .._types import Receive, Scope
 
-__all__ = ["Rejected", "RouteGuard", "RouteHold", "key_value"]
+__all__ = ["ClientGone", "Rejected", "RouteGuard", "RouteHold", "key_value"]
 
 _REJECTED_BY_LOCK = (LockBusy, LockAborted, QueueFull, LockTimeout, BackendUnavailable)
 
@@ -39,10 +40,17 @@ class Rejected(Exception):
         self.rejection = rejection
 
 
+class ClientGone(Exception):
+    """The client disconnected while its request queued: the endpoint must not run.
+
+    Nothing is held when this is raised (a grant that came as the client left is given back).
+    """
+
+
 class RouteHold:
     """What the guard did for one request: the hold it took, or the outer one it reused."""
 
-    __slots__ = ("held", "ours", "owned", "records", "started")
+    __slots__ = ("held", "ours", "owned", "records", "replay", "started")
     records: list[Held]
     """The request's `scope["keyedlock"]` list this hold is recorded in (when owned)."""
     ours: bool
@@ -54,6 +62,9 @@ class RouteHold:
         self.owned = owned
         """Whether this guard took the hold (and so must give it back)."""
         self.started = perf_counter() if owned else 0.0
+        self.replay: Receive | None = None
+        """For a request that queued and had body chunks read meanwhile: the `receive` that
+        gives them first, then the rest. None: read the original `receive`."""
 
 
 _PASS = RouteHold(None, False)
@@ -68,10 +79,15 @@ class RouteGuard:
         self.lock = lock
         self.options = options
 
-    async def enter(self, scope: Scope, key: str | None) -> RouteHold:
+    async def enter(
+        self, scope: Scope, key: str | None, receive: Receive | None = None
+    ) -> RouteHold:
         """Take `key` for this request, or find it already held by an outer layer.
 
         Raises `Rejected` (nothing held) when the request must be answered without running.
+        Given the request's `receive`, a request that has to queue is watched meanwhile (see
+        `_watcher.py`): `ClientGone` (nothing held) if the client leaves first, and the hold's
+        `replay` gives the body chunks read while it waited.
         """
         options = self.options
         if key is None:
@@ -85,11 +101,23 @@ class RouteGuard:
         if outer is not None:
             return RouteHold(outer, owned=False)
         held = lock._hold(key, (), options.hold_options(scope), scope)
+        watcher: Watcher | None = None
         try:
-            await held.__aenter__()
+            if receive is None:
+                await held.__aenter__()
+            elif held._try_enter() is not None:  # it must queue: watch the client meanwhile
+                watcher = Watcher(receive)
+                if not await enter_watching(watcher, held):
+                    raise ClientGone
         except _REJECTED_BY_LOCK as exc:
+            if watcher is not None and watcher.gone is not None:
+                raise ClientGone from exc
             await self._reject(scope, rejection_for(exc), exc)
+        if receive is not None and held._options.max_hold is not None:
+            held._start_limit()  # what `__aenter__` does: `_try_enter` and the wait leave it out
         hold = RouteHold(held, owned=True)
+        if watcher is not None and watcher.messages:
+            hold.replay = watcher.replay()
         hold.records, hold.ours = record(scope, held)
         hooks = options.hooks
         if hooks.on_acquired is not None:

@@ -28,7 +28,8 @@ from .._responses import send_rejection
 from .._types import Receive, Scope, Send
 from ..keys import _resolve_key
 from ._errors import is_failure, renders_by_default, to_http
-from ._guard import Rejected, RouteGuard
+from ._guard import ClientGone, Rejected, RouteGuard
+from ._replay import replay_into
 
 __all__ = ["serialize"]
 
@@ -99,13 +100,17 @@ class _SerializedCall:
         key = self._key
         try:
             value = (key or None) if isinstance(key, str) else await _resolve_key(key, scope)
-            hold = await guard.enter(scope, value)
+            hold = await guard.enter(scope, value, receive)
+        except ClientGone:
+            return  # the client left while queued: the endpoint never runs
         except Rejected as rejected:
             exc = to_http(rejected)
             if renders_by_default(scope, exc):
                 await send_rejection(send, rejected.rejection)
                 return
             raise exc from rejected.__cause__
+        if hold.replay is not None:  # body chunks were read while queued: the endpoint gets them
+            receive = replay_into(self._args[-1], hold.replay)
         try:
             if self._is_async:
                 response = await self._endpoint(*self._args)
