@@ -19,6 +19,7 @@ from keyedlock_asgi import (
     KeyedLock,
     LockAborted,
     LockBusy,
+    LockClosed,
     LockTimeout,
     QueueFull,
 )
@@ -458,4 +459,17 @@ async def test_an_endpoint_that_changes_scope_keyedlock_cannot_keep_the_key(form
         for name in ("first", "second"):
             response = await post(http, name)
             assert response.status_code == 200, response.text
+    assert_idle(lock)
+
+
+async def test_a_draining_lock_answers_every_form_503(anyio_backend: str, form: str) -> None:
+    lock = KeyedLock()
+    gates = Gates()
+    app = build_app(form, lock, gates.endpoint)
+    async with client(app) as http:
+        assert (await post(http, "A")).status_code == 200
+        await lock.drain()
+        response = await post(http, "B")
+    assert answer(response) == expected(LockClosed())
+    assert gates.log == ["A:enter", "A:exit"]
     assert_idle(lock)

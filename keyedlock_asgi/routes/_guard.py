@@ -13,7 +13,14 @@ from typing import TYPE_CHECKING
 
 import anyio
 
-from .._errors import BackendUnavailable, LockAborted, LockBusy, LockTimeout, QueueFull
+from .._errors import (
+    BackendUnavailable,
+    LockAborted,
+    LockBusy,
+    LockClosed,
+    LockTimeout,
+    QueueFull,
+)
 from .._http_options import HttpOptions
 from .._lock import Held, KeyedLock
 from .._responses import INVALID_KEY, MISSING_KEY, Rejection, rejection_for
@@ -26,7 +33,14 @@ if TYPE_CHECKING:
 
 __all__ = ["ClientGone", "Rejected", "RouteGuard", "RouteHold", "key_value"]
 
-_REJECTED_BY_LOCK = (LockBusy, LockAborted, QueueFull, LockTimeout, BackendUnavailable)
+_REJECTED_BY_LOCK = (
+    LockBusy,
+    LockAborted,
+    QueueFull,
+    LockTimeout,
+    BackendUnavailable,
+    LockClosed,
+)
 
 
 class Rejected(Exception):
