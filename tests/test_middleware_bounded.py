@@ -118,3 +118,35 @@ async def test_a_draining_lock_answers_503_with_retry_after() -> None:
     status, headers = status_and_headers(await call(wrapped, "/"))
     assert status == 503
     assert headers[b"retry-after"] == b"1"
+
+
+async def test_a_send_that_never_returns_cannot_keep_the_key() -> None:
+    """The hypercorn h2 case: the client left and the server's `send` hangs. Under max_hold
+    the request is cut off, the key moves on, and exclusion holds (recorded order)."""
+    lock = KeyedLock()
+    order: list[str] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        order.append(f"{scope['path']} in")
+        try:
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": b"ok"})
+        finally:
+            order.append(f"{scope['path']} out")
+
+    wrapped = KeyedLockMiddleware(app, key=keys.header("x-user"), lock=lock, max_hold=0.2)
+
+    async def stuck_send(message: Message) -> None:
+        await anyio.sleep_forever()
+
+    async def stuck() -> None:
+        with pytest.raises(HoldExpired):
+            await wrapped(scope_for("/stuck"), receiver(), stuck_send)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(stuck)
+        await wait_until(lambda: lock.locked("u1"), "the stuck request holds the key")
+        sent = await call(wrapped, "/next")  # queues, then gets the key
+    assert status_and_headers(sent)[0] == 200
+    assert order == ["/stuck in", "/stuck out", "/next in", "/next out"]
+    assert lock.stats().active_keys == 0
