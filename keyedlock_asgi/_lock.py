@@ -445,6 +445,8 @@ class KeyedLock:
         on_backend_error: OnBackendError = "closed",
         name: str = "default",
         observers: Iterable[LockObserver] = (),
+        metrics: bool = True,
+        meter_provider: Any = None,
     ) -> None:
         self._defaults = HoldOptions().resolve(timeout, max_waiting, on_error)
         self._shared_defaults = self._defaults._replace(shared=True)
@@ -466,6 +468,8 @@ class KeyedLock:
         self._observers: tuple[LockObserver, ...] = ()
         for observer in observers:
             self.add_observer(observer)
+        if metrics:
+            _attach_metrics(self, meter_provider)
         self._fence = itertools.count(1)
         self._states: weakref.WeakKeyDictionary[object, _LoopState] = weakref.WeakKeyDictionary()
         # The event loop (asyncio loop or trio root task) seen last, and its state.
@@ -716,6 +720,17 @@ class KeyedLock:
         queued = hasattr(held, "_waited")
         event = LockEvent("released", held, outcome, queued, held.waited, held_for, error)
         notify(self._observers, event)
+
+
+def _attach_metrics(lock: KeyedLock, meter_provider: Any) -> None:
+    """`metrics=True`: observe with OpenTelemetry if `opentelemetry-api` is installed."""
+    try:
+        from .otel import LockMetrics  # the optional extra `otel`
+    except ModuleNotFoundError as error:
+        if not (error.name or "").startswith("opentelemetry"):
+            raise
+        return
+    lock.add_observer(LockMetrics(lock, meter_provider))
 
 
 async def _call(fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
