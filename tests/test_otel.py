@@ -1,0 +1,280 @@
+"""OpenTelemetry metrics and spans (`keyedlock_asgi.otel`), read back from the SDK's in-memory
+reader and span exporter, on every engine and both event loops."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Callable
+
+import anyio
+import pytest
+from opentelemetry import trace
+from starlette.applications import Starlette
+from starlette.routing import Route
+
+from keyedlock_asgi import KeyedLock, KeyedLockMiddleware, keys
+from keyedlock_asgi.otel import INSTRUMENTS, LockMetrics
+from tests.support.lockwatch import until
+from tests.support.middleware import Gated, client, wait_until
+from tests.support.otel import Telemetry
+
+pytestmark = pytest.mark.anyio
+
+MakeLock = Callable[..., KeyedLock]
+SECRET = "user-4711-secret"  # the key: it must appear in no attribute, label or span name
+REQUESTS, WAIT, HOLD, HOLDERS, WAITING = INSTRUMENTS
+
+
+async def drive_every_result(lock: KeyedLock, key: str) -> None:
+    """One request of each result: acquired (free, then after a wait), busy, timeout,
+    aborted, canceled, queue_full; and one hold that ends with an error."""
+    inside, leave = anyio.Event(), anyio.Event()
+
+    async def fail_holding() -> None:
+        async with lock.hold(key, on_error="stop"):
+            inside.set()
+            await leave.wait()
+            raise RuntimeError("holder failed")
+
+    async def holder() -> None:
+        with pytest.raises(RuntimeError):
+            await fail_holding()
+
+    async def attempt(**options: object) -> None:
+        try:
+            async with lock.hold(key, **options):  # type: ignore[arg-type]
+                pass
+        except Exception:
+            pass
+
+    scope = anyio.CancelScope()
+
+    async def cancelled() -> None:
+        with scope:
+            await attempt()
+
+    async with lock.hold(key):
+        pass
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(holder)
+        await inside.wait()
+        await attempt(timeout=0)  # busy
+        await attempt(timeout=0.05)  # timeout: the holder waits on `leave`, set below
+        tg.start_soon(attempt)  # aborted by the failing holder
+        await until(lambda: lock.waiting(key) == 1)
+        tg.start_soon(cancelled)
+        await until(lambda: lock.waiting(key) == 2)
+        scope.cancel()
+        await until(lambda: lock.waiting(key) == 1)
+        await attempt(max_waiting=1)  # queue_full
+        leave.set()
+    inside2, leave2 = anyio.Event(), anyio.Event()
+
+    async def holder2() -> None:
+        async with lock.hold(key):
+            inside2.set()
+            await leave2.wait()
+
+    async with anyio.create_task_group() as tg:  # acquired after queueing
+        tg.start_soon(holder2)
+        await inside2.wait()
+        tg.start_soon(attempt)
+        await until(lambda: lock.waiting(key) == 1)
+        leave2.set()
+
+
+async def test_counts_per_result_and_both_histograms(make_lock: MakeLock, engine: str) -> None:
+    telemetry = Telemetry()
+    lock = telemetry.observe(make_lock(metrics=False, name="orders"))
+    await drive_every_result(lock, SECRET)
+    total = telemetry.total
+    common = {"keyedlock_lock_name": "orders", "keyedlock_mode": "exclusive"}
+    backend = "memory" if engine == "memory" else engine.split("-")[0]
+    assert total(REQUESTS, keyedlock_backend=backend, **common) == 9
+    counts = {
+        result: total(REQUESTS, keyedlock_result=result, **common)
+        for result in ("acquired", "busy", "timeout", "aborted", "canceled", "queue_full")
+    }
+    assert counts == {
+        "acquired": 4,  # free, the failing holder, a holder, after a wait
+        "busy": 1,
+        "timeout": 1,
+        "aborted": 1,
+        "canceled": 1,
+        "queue_full": 1,
+    }
+    for result in ("timeout", "aborted", "canceled"):  # they queued: their waits are recorded
+        assert total(WAIT, keyedlock_result=result) == 1
+    for result in ("busy", "queue_full"):  # turned away at once: no wait
+        assert total(WAIT, keyedlock_result=result) == 0
+    if engine == "memory":  # an engine's round trip is a wait too: every grant records one
+        assert total(WAIT, keyedlock_result="acquired") == 1
+    assert total(HOLD, keyedlock_release="normal") == 3
+    assert total(HOLD, keyedlock_release="error") == 1
+    assert all(p.sum >= 0 and p.min >= 0 for p in telemetry.points(WAIT) + telemetry.points(HOLD))
+    # idle: the up-down counters are back to zero
+    assert total(HOLDERS) == 0
+    assert total(WAITING) == 0
+    assert SECRET not in telemetry.dump()
+
+
+async def test_up_down_counters_while_held_and_queued(make_lock: MakeLock) -> None:
+    telemetry = Telemetry()
+    lock = telemetry.observe(make_lock(metrics=False))
+    inside, leave = anyio.Event(), anyio.Event()
+
+    async def holder(**options: object) -> None:
+        async with lock.hold("a", **options):  # type: ignore[arg-type]
+            inside.set()
+            await leave.wait()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(holder)
+        await inside.wait()
+        tg.start_soon(holder)
+        tg.start_soon(holder)
+        await until(lambda: lock.waiting("a") == 2)
+        assert telemetry.total(HOLDERS) == 1
+        assert telemetry.total(WAITING) == 2
+        leave.set()
+    assert telemetry.total(HOLDERS) == 0
+    assert telemetry.total(WAITING) == 0
+
+
+async def test_shared_holds_carry_their_mode() -> None:
+    telemetry = Telemetry()
+    lock = telemetry.observe(KeyedLock(metrics=False))
+    async with lock.hold("a", shared=True), lock.hold("b", shared=True):
+        assert telemetry.total(HOLDERS, keyedlock_mode="shared") == 2
+        assert telemetry.total(HOLDERS, keyedlock_mode="exclusive") == 0
+    assert telemetry.total(HOLDERS, keyedlock_mode="shared") == 0
+    assert telemetry.total(REQUESTS, keyedlock_mode="shared") == 2
+
+
+async def test_a_wait_span_for_each_caller_that_queued(make_lock: MakeLock) -> None:
+    telemetry = Telemetry()
+    lock = telemetry.observe(make_lock(metrics=False, name="carts"))
+    tracer = telemetry.tracer_provider.get_tracer("test")
+    inside, leave = anyio.Event(), anyio.Event()
+
+    async def holder() -> None:
+        async with lock.hold(SECRET):
+            inside.set()
+            await leave.wait()
+
+    async def waiter(timeout: float | None) -> None:
+        with tracer.start_as_current_span("request"):
+            try:
+                async with lock.hold(SECRET, timeout=timeout):
+                    pass
+            except Exception:
+                pass
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(holder)
+        await inside.wait()
+        await waiter(0.05)  # queues, then times out
+        tg.start_soon(waiter, None)
+        await until(lambda: lock.waiting(SECRET) == 1)
+        leave.set()
+    spans = {span.name: [] for span in telemetry.spans()}
+    for span in telemetry.spans():
+        spans[span.name].append(span)
+    assert len(spans["request"]) == 2  # the holder did not queue: no wait span for it
+    waits = spans["keyedlock.wait"]
+    assert [w.attributes["keyedlock.result"] for w in waits] == ["timeout", "acquired"]
+    for wait, request in zip(waits, spans["request"], strict=True):
+        assert wait.parent is not None
+        assert wait.parent.span_id == request.context.span_id  # a child of the current span
+        assert wait.attributes["keyedlock.lock.name"] == "carts"
+        assert wait.start_time <= wait.end_time
+    assert waits[0].status.status_code == trace.StatusCode.ERROR
+    assert waits[1].status.status_code == trace.StatusCode.UNSET
+    assert SECRET not in telemetry.dump()
+
+
+async def test_several_keys_are_one_wait() -> None:
+    telemetry = Telemetry()
+    lock = telemetry.observe(KeyedLock(metrics=False))
+    inside, leave = anyio.Event(), anyio.Event()
+
+    async def holder(key: str) -> None:
+        async with lock.hold(key):
+            inside.set()
+            await leave.wait()
+
+    async def both() -> None:
+        async with lock.hold("x", "y"):
+            pass
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(holder, "x")
+        await inside.wait()
+        inside = anyio.Event()
+        tg.start_soon(holder, "y")
+        await inside.wait()
+        tg.start_soon(both)
+        await until(lambda: lock.waiting("x") == 1)
+        leave.set()
+    assert telemetry.total(WAITING) == 0
+    assert telemetry.total(WAIT) == 1
+    assert len([s for s in telemetry.spans() if s.name == "keyedlock.wait"]) == 1
+
+
+async def test_http_method_and_route_template_through_the_middleware() -> None:
+    telemetry = Telemetry()
+    lock = telemetry.observe(KeyedLock(metrics=False, name="http"))
+    gated = Gated()
+    app = KeyedLockMiddleware(
+        Starlette(routes=[Route("/orders/{order_id}/pay", gated.endpoint, methods=["POST"])]),
+        key=keys.path_param("order_id"),
+        include=["/orders/{order_id}/pay"],
+        lock=lock,
+    )
+    path = f"/orders/{SECRET}/pay"
+    async with client(app) as http, anyio.create_task_group() as tg:
+        tg.start_soon(lambda: http.post(path, params={"n": "first"}))
+        await gated.entered("first").wait()
+        tg.start_soon(lambda: http.post(path, params={"n": "second"}))
+        await wait_until(lambda: lock.waiting(SECRET) == 1, "second request queued")
+        gated.gate("first").set()
+        gated.gate("second").set()
+    route = {"http_route": "/orders/{order_id}/pay", "http_request_method": "POST"}
+    assert telemetry.total(REQUESTS, keyedlock_result="acquired", **route) == 2
+    assert telemetry.total(WAIT, keyedlock_result="acquired", **route) == 1
+    assert telemetry.total(HOLD, keyedlock_release="normal", **route) == 2
+    assert telemetry.total(HOLDERS) == 0
+    assert telemetry.total(WAITING) == 0
+    assert SECRET not in telemetry.dump()
+
+
+def test_metrics_through_the_lock_options() -> None:
+    telemetry = Telemetry()
+    lock = KeyedLock(meter_provider=telemetry.meter_provider, name="wired")
+
+    async def use() -> None:
+        async with lock.hold("k"):
+            pass
+
+    anyio.run(use)
+    assert telemetry.total(REQUESTS, keyedlock_lock_name="wired") == 1
+    assert any(isinstance(o, LockMetrics) for o in lock._observers)
+    assert not any(isinstance(o, LockMetrics) for o in KeyedLock(metrics=False)._observers)
+
+
+def test_without_opentelemetry_nothing_is_attached_and_nothing_fails() -> None:
+    code = (
+        "import sys; sys.modules['opentelemetry'] = None\n"  # as if it were not installed
+        "import anyio\n"
+        "from keyedlock_asgi import KeyedLock\n"
+        "lock = KeyedLock()\n"
+        "assert lock._observers == (), lock._observers\n"
+        "async def use():\n"
+        "    async with lock.hold('k'):\n"
+        "        pass\n"
+        "anyio.run(use)\n"
+        "print('ok')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.stdout.strip() == "ok", done.stderr
