@@ -3,6 +3,7 @@ reader and span exporter, on every engine and both event loops."""
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 from collections.abc import Callable
@@ -13,7 +14,7 @@ from opentelemetry import trace
 from starlette.applications import Starlette
 from starlette.routing import Route
 
-from keyedlock_asgi import KeyedLock, KeyedLockMiddleware, keys
+from keyedlock_asgi import BackendUnavailable, KeyedLock, KeyedLockMiddleware, keys
 from keyedlock_asgi.otel import INSTRUMENTS, LockMetrics
 from tests.support.lockwatch import until
 from tests.support.middleware import Gated, client, wait_until
@@ -278,3 +279,75 @@ def test_without_opentelemetry_nothing_is_attached_and_nothing_fails() -> None:
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.stdout.strip() == "ok", done.stderr
+
+
+async def test_rejections_carry_the_route_when_a_route_layer_took_the_key() -> None:
+    """The middleware turns a request away before routing (no `http.route`); a route guard
+    runs after the router, so its rejections carry the template."""
+    telemetry = Telemetry()
+    lock = telemetry.observe(KeyedLock(metrics=False, name="http"))
+    gated = Gated()
+    guarded = lock.serialize(keys.path_param("cart_id"), timeout=0)(gated.endpoint)
+    routes = [
+        Route("/orders/{order_id}", gated.endpoint, methods=["PUT"]),
+        Route("/carts/{cart_id}", guarded, methods=["POST"]),
+    ]
+    app = KeyedLockMiddleware(
+        Starlette(routes=routes),
+        key=keys.path_param("order_id"),
+        include=["/orders/{order_id}"],
+        lock=lock,
+        timeout=0,
+    )
+    async with client(app) as http, anyio.create_task_group() as tg:
+        for path in (f"/orders/{SECRET}", f"/carts/{SECRET}"):
+            tg.start_soon(
+                lambda path=path: http.request(
+                    "PUT" if "orders" in path else "POST", path, params={"n": path}
+                )
+            )
+            await gated.entered(path).wait()
+            answer = await http.request(
+                "PUT" if "orders" in path else "POST", path, params={"n": "x"}
+            )
+            assert answer.status_code == 409
+            gated.gate(path).set()
+    busy = {"keyedlock_result": "busy"}
+    assert telemetry.total(REQUESTS, http_request_method="PUT", **busy) == 1
+    [middleware_busy] = [
+        p
+        for p in telemetry.points(REQUESTS)
+        if p.attributes["keyedlock.result"] == "busy"
+        and p.attributes["http.request.method"] == "PUT"
+    ]
+    assert "http.route" not in middleware_busy.attributes
+    assert telemetry.total(REQUESTS, http_route="/carts/{cart_id}", **busy) == 1
+    assert (
+        telemetry.total(REQUESTS, http_route="/orders/{order_id}", keyedlock_result="acquired") == 1
+    )
+    assert telemetry.total(HOLDERS) == 0
+    assert SECRET not in telemetry.dump()
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])  # redis-py runs on asyncio only
+async def test_backend_unavailable_is_counted() -> None:
+    from keyedlock_asgi.backends.redis import RedisBackend
+
+    with socket.socket() as probe:  # a loopback port with nothing listening
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    backend = RedisBackend.from_url(f"redis://127.0.0.1:{port}/0", retries=0)
+    telemetry = Telemetry()
+    lock = telemetry.observe(KeyedLock(metrics=False, backend=backend))
+    try:
+        with pytest.raises(BackendUnavailable):
+            async with lock.hold(SECRET):
+                pass
+    finally:
+        await lock.aclose()
+    assert (
+        telemetry.total(REQUESTS, keyedlock_result="backend_unavailable", keyedlock_backend="redis")
+        == 1
+    )
+    assert telemetry.total(HOLDERS) == 0
+    assert telemetry.total(WAITING) == 0
