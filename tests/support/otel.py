@@ -51,6 +51,12 @@ class Telemetry:
                 total += point.value if hasattr(point, "value") else point.count
         return total
 
+    def idle(self) -> bool:
+        """Whether every series of both up-down counters is back to zero (not just their sum:
+        a -1 recorded under other attributes than its +1 leaves two series off by one)."""
+        points = self.points("keyedlock.lock.holders") + self.points("keyedlock.lock.waiting")
+        return all(point.value == 0 for point in points)
+
     def spans(self) -> tuple[ReadableSpan, ...]:
         return self.exporter.get_finished_spans()
 
