@@ -135,6 +135,8 @@ class LockMetrics:
             {**base, "keyedlock.mode": "exclusive"},
             {**base, "keyedlock.mode": "shared"},
         )
+        # Attributes with a result or a release, made once per mode for holds without context
+        self._tagged: dict[tuple[bool, str, str], dict[str, str]] = {}
         # id(held) -> (attributes of its +1 on `waiting`, its span): between queued and the end
         self._queued: dict[int, tuple[Attributes, Span]] = {}
         # id(held) -> attributes of its +1 on `holders`: between granted and released
@@ -147,16 +149,27 @@ class LockMetrics:
             return attributes
         return {**attributes, **http_attributes(context)}
 
+    def _with(self, held: Held, name: str, value: str) -> dict[str, str]:
+        """The hold's attributes plus one more (cached when the hold has no context)."""
+        if held.context is not None:
+            return {**self._attributes(held), name: value}
+        shared = held.shared
+        found = self._tagged.get((shared, name, value))
+        if found is None:
+            found = self._tagged[shared, name, value] = {**self._modes[shared], name: value}
+        return found
+
     def __call__(self, event: LockEvent) -> None:
         held = event.held
         kind = event.kind
         if kind == "released":
-            attributes = self._attributes(held)
-            self._holders.add(-1, self._held.pop(id(held), attributes))
-            self._requests.add(1, {**attributes, "keyedlock.result": "acquired"})
+            self._holders.add(-1, self._held.pop(id(held)))
+            acquired = self._with(held, "keyedlock.result", "acquired")
+            self._requests.add(1, acquired)
             if event.queued:
-                self._wait.record(event.waited, {**attributes, "keyedlock.result": "acquired"})
-            self._hold.record(event.held_for, {**attributes, "keyedlock.release": event.outcome})
+                self._wait.record(event.waited, acquired)
+            release = self._with(held, "keyedlock.release", event.outcome or "normal")
+            self._hold.record(event.held_for, release)
         elif kind == "granted":
             self._stop_waiting(held, "acquired")
             attributes = self._attributes(held)
@@ -171,7 +184,7 @@ class LockMetrics:
             self._waiting.add(1, attributes)
         else:  # rejected
             self._stop_waiting(held, event.outcome)
-            result = {**self._attributes(held), "keyedlock.result": event.outcome}
+            result = self._with(held, "keyedlock.result", event.outcome or "canceled")
             self._requests.add(1, result)
             if event.queued:
                 self._wait.record(event.waited, result)

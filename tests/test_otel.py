@@ -305,10 +305,12 @@ async def test_rejections_carry_the_route_when_a_route_layer_took_the_key() -> N
                     "PUT" if "orders" in path else "POST", path, params={"n": path}
                 )
             )
-            await gated.entered(path).wait()
-            answer = await http.request(
-                "PUT" if "orders" in path else "POST", path, params={"n": "x"}
-            )
+            with anyio.fail_after(30):  # bounded: a hang fails loudly, naming its step
+                await gated.entered(path).wait()
+            with anyio.fail_after(30):
+                answer = await http.request(
+                    "PUT" if "orders" in path else "POST", path, params={"n": "x"}
+                )
             assert answer.status_code == 409
             gated.gate(path).set()
     busy = {"keyedlock_result": "busy"}
