@@ -313,6 +313,7 @@ async def test_rejections_carry_the_route_when_a_route_layer_took_the_key() -> N
                 )
             assert answer.status_code == 409
             gated.gate(path).set()
+            await wait_until(lambda: not lock.locked(SECRET), "the key is free again")
     busy = {"keyedlock_result": "busy"}
     assert telemetry.total(REQUESTS, http_request_method="PUT", **busy) == 1
     [middleware_busy] = [
