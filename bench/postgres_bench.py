@@ -1,10 +1,16 @@
 """PostgreSQL backend benchmark: hand-offs/s and wait percentiles, plus the head-of-line test.
 
     PYTHONPATH=. python bench/postgres_bench.py [--dsn postgresql://postgres@127.0.0.1:5432/test]
+        [--pgbouncer postgresql://postgres@127.0.0.1:6439/test | --no-pgbouncer]
 
 1. One process, 100 tasks on one key, each holding once (burst): hand-offs/s, p50/p99 wait.
    Baseline in the same run: the in-process lock alone (no backend).
 2. 4 processes x 25 tasks on one key: hand-offs/s over all 100 grants, p50/p99 wait.
+   Baseline in the same run: a raw asyncpg advisory-lock loop (each task takes a pooled
+   connection, `pg_advisory_lock`, `pg_advisory_unlock`; pool of 10 per process). Target:
+   backend >= 1.0x raw. Then the same through pgbouncer in transaction pooling: the backend in
+   `mode="transaction"` against a raw `BEGIN; pg_advisory_xact_lock; COMMIT` loop. pgbouncer
+   comes from `--pgbouncer DSN`, or is started for the run (tests/support/engine_pgbouncer.py).
 3. Head of line: 100 requests queued on key A (each holds 20 ms), one request on key B at 50 ms,
    pool of 4 connections: B's wait. Target: < 10 ms (the design study measured 2,072 ms when
    waiters park on the pool before their key).
@@ -16,11 +22,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import multiprocessing
+import sys
 import time
 import uuid
+from typing import Any
 
 from keyedlock_asgi import KeyedLock
-from keyedlock_asgi.backends.postgres import PostgresBackend
+from keyedlock_asgi.backends.postgres import PostgresBackend, key_id
 
 
 def pct(values: list[float], q: float) -> float:
@@ -69,9 +77,16 @@ async def one_process(dsn: str) -> None:
     await lock.aclose()
 
 
-def _worker(dsn: str, namespace: str, start_at: float, out: multiprocessing.Queue) -> None:  # type: ignore[type-arg]
+def _worker(
+    dsn: str,
+    namespace: str,
+    mode: str,
+    start_at: float,
+    out: multiprocessing.Queue,  # type: ignore[type-arg]
+) -> None:
     async def run() -> tuple[list[float], float]:
-        lock = KeyedLock(backend=PostgresBackend.from_dsn(dsn, namespace=namespace))
+        backend = PostgresBackend.from_dsn(dsn, namespace=namespace, mode=mode)  # type: ignore[arg-type]
+        lock = KeyedLock(backend=backend)
         waits = await burst(lock, 25, start_at)
         await lock.aclose()
         return waits, time.time()
@@ -79,12 +94,53 @@ def _worker(dsn: str, namespace: str, start_at: float, out: multiprocessing.Queu
     out.put(asyncio.run(run()))
 
 
-def four_processes(dsn: str) -> None:
+def _raw_worker(
+    dsn: str,
+    namespace: str,
+    mode: str,
+    start_at: float,
+    out: multiprocessing.Queue,  # type: ignore[type-arg]
+) -> None:
+    """The loop one would write by hand with asyncpg: no in-process queue, no fence."""
+    import asyncpg  # type: ignore[import-untyped]
+
+    lock_id = key_id(namespace, "hot")
+
+    async def run() -> tuple[list[float], float]:
+        pool = await asyncpg.create_pool(
+            dsn, min_size=10, max_size=10, statement_cache_size=0 if mode == "transaction" else 100
+        )
+        waits: list[float] = []
+
+        async def one() -> None:
+            t = time.perf_counter()
+            async with pool.acquire() as conn:
+                if mode == "transaction":
+                    await conn.execute(f"BEGIN; SELECT pg_advisory_xact_lock({lock_id})")
+                    waits.append(time.perf_counter() - t)
+                    await asyncio.sleep(0)
+                    await conn.execute("COMMIT")
+                else:
+                    await conn.fetchval("SELECT pg_advisory_lock($1)", lock_id)
+                    waits.append(time.perf_counter() - t)
+                    await asyncio.sleep(0)
+                    await conn.fetchval("SELECT pg_advisory_unlock($1)", lock_id)
+
+        await asyncio.sleep(max(0.0, start_at - time.time()))
+        await asyncio.gather(*(one() for _ in range(25)))
+        end = time.time()
+        await pool.close()
+        return waits, end
+
+    out.put(asyncio.run(run()))
+
+
+def four_processes(dsn: str, name: str, mode: str = "session", worker: Any = _worker) -> float:
     namespace = f"bench-{uuid.uuid4().hex}"
     out: multiprocessing.Queue = multiprocessing.Queue()  # type: ignore[type-arg]
     start_at = time.time() + 1.5
     procs = [
-        multiprocessing.Process(target=_worker, args=(dsn, namespace, start_at, out))
+        multiprocessing.Process(target=worker, args=(dsn, namespace, mode, start_at, out))
         for _ in range(4)
     ]
     for proc in procs:
@@ -93,7 +149,14 @@ def four_processes(dsn: str) -> None:
     for proc in procs:
         proc.join()
     waits = [w for ws, _ in results for w in ws]
-    report("postgres, 4 processes x 25 tasks", waits, max(end for _, end in results) - start_at)
+    return report(name, waits, max(end for _, end in results) - start_at)
+
+
+def against_raw(dsn: str, where: str, mode: str) -> None:
+    """The backend and the raw loop, 4 x 25 on one key, and their ratio."""
+    raw = four_processes(dsn, f"raw asyncpg, 4 x 25 ({where})", mode, _raw_worker)
+    rate = four_processes(dsn, f"postgres {mode}, 4 x 25 ({where})", mode)
+    print(f"{'':34} ratio to raw asyncpg: {rate / raw:.2f}x (target >= 1.0x)")
 
 
 async def head_of_line(dsn: str) -> None:
@@ -133,9 +196,23 @@ async def head_of_line(dsn: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dsn", default="postgresql://postgres@127.0.0.1:5432/test")
-    dsn = parser.parse_args().dsn
+    parser.add_argument("--pgbouncer", help="DSN through pgbouncer in transaction pooling")
+    parser.add_argument("--no-pgbouncer", action="store_true")
+    args = parser.parse_args()
+    dsn = args.dsn
+    print(f"Python {sys.version.split()[0]}")
     asyncio.run(one_process(dsn))
-    four_processes(dsn)
+    against_raw(dsn, "direct", "session")
+    if not args.no_pgbouncer:
+        bouncer = args.pgbouncer
+        if bouncer is None:
+            from tests.support.engine_pgbouncer import _start
+
+            bouncer, why = _start()
+            if bouncer is None:
+                print(f"pgbouncer: skipped ({why})")
+        if bouncer is not None:
+            against_raw(bouncer, "pgbouncer", "transaction")
     asyncio.run(head_of_line(dsn))
 
 

@@ -1,8 +1,9 @@
 """Cache stampede: 100 concurrent misses for one key make exactly one database call.
 
-`lock.hold` works outside HTTP too. The first caller that misses the cache takes the key and
-loads; the 99 others queue behind it, find the value in the cache once their turn comes, and
-never reach the database. Other keys load in parallel.
+`lock.coalesce` is single flight: the first caller that misses the cache runs the load; the 99
+others that miss while it runs do not run it, they get its result (or its exception) when it
+ends. Other keys load in parallel. If the first caller is cancelled, a waiting caller runs the
+load anew instead of seeing the cancellation.
 
     python examples/cache_stampede.py
 """
@@ -28,7 +29,7 @@ class Database:
 
 # --8<-- [start:cache]
 class ProductCache:
-    """Read-through cache: on a miss, one caller per key loads; the others wait for it."""
+    """Read-through cache: on a miss, one caller per key loads; the others share its result."""
 
     def __init__(self, db: Database) -> None:
         self.db = db
@@ -39,11 +40,11 @@ class ProductCache:
         cached = self.values.get(product_id)
         if cached is not None:
             return cached  # the hot path takes no lock
-        async with self.lock.hold(product_id):
-            cached = self.values.get(product_id)  # filled while we waited?
-            if cached is None:
-                cached = self.values[product_id] = await self.db.load_product(product_id)
-            return cached
+        return await self.lock.coalesce(product_id, self._load, product_id)
+
+    async def _load(self, product_id: str) -> dict[str, str]:
+        value = self.values[product_id] = await self.db.load_product(product_id)
+        return value
 
 
 # --8<-- [end:cache]

@@ -1,9 +1,12 @@
-"""Webhooks: process each delivery once, even when the sender retries while we still work.
+"""Webhooks: process each delivery once, and answer every retry from the store.
 
-Senders retry webhooks they think failed, sometimes while the first delivery is still being
-processed. Keyed by the `Webhook-Id` header with `timeout=0`, a duplicate that arrives during
-processing is answered 409 at once (with `Retry-After`); one that arrives afterwards finds the
-id in the processed set and gets 200 without doing the work again. Different ids run in parallel.
+Senders retry webhooks they think failed: while the first delivery is still being processed
+(their timeout was shorter than our work), or later (our answer got lost). Keyed by the
+`Webhook-Id` header, `IdempotencyMiddleware` runs the first delivery; a retry that arrives
+during processing gets 409 at once (with `Retry-After`), and one that arrives afterwards gets
+the stored response, byte for byte, with `Idempotent-Replayed: true`: the handler does not run
+again. A delivery whose handler failed (a 5xx) is not stored, so the sender's retry runs it.
+Different ids run in parallel.
 
     python examples/webhooks.py
 """
@@ -21,7 +24,8 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp
 
-from keyedlock_asgi import KeyedLock, KeyedLockMiddleware, keys
+from keyedlock_asgi import IdempotencyMiddleware, KeyedLock, keys
+from keyedlock_asgi.stores import MemoryStore
 
 Handler = Callable[[dict[str, Any]], Awaitable[None]]
 
@@ -30,29 +34,29 @@ async def fulfil(event: dict[str, Any]) -> None:
     await anyio.sleep(0.05)  # e.g. ship the order
 
 
-def webhook_app(handle: Handler = fulfil) -> tuple[ASGIApp, set[str]]:
-    processed: set[str] = set()  # a table with a unique key, in a real app
+def webhook_app(handle: Handler = fulfil) -> tuple[ASGIApp, list[dict[str, Any]]]:
+    """The app and the list of events it handled (each handled once)."""
+    handled: list[dict[str, Any]] = []
 
     async def receive_webhook(request: Request) -> JSONResponse:
-        webhook_id = request.headers["webhook-id"]
-        if webhook_id in processed:
-            return JSONResponse({"status": "already processed"})
-        await handle(await request.json())
-        processed.add(webhook_id)
-        return JSONResponse({"status": "processed"})
+        event = await request.json()
+        await handle(event)
+        handled.append(event)
+        return JSONResponse({"status": "processed", "handled": len(handled)})
 
     app = Starlette(routes=[Route("/webhooks", receive_webhook, methods=["POST"])])
     # --8<-- [start:middleware]
-    protected = KeyedLockMiddleware(
+    protected = IdempotencyMiddleware(
         app,
-        key=keys.header("Webhook-Id"),
-        lock=KeyedLock(key_prefix="webhook:"),
-        include=["/webhooks"],
-        timeout=0,  # a duplicate in flight: 409 + Retry-After at once, never a second run
+        key=keys.header("Webhook-Id"),  # one sender: its delivery id is the key
+        store=MemoryStore(),  # RedisStore / PostgresStore with several workers
+        lock=KeyedLock(key_prefix="webhook:"),  # and a lock on the same engine
+        methods=["POST"],
+        ttl=3 * 24 * 3600,  # longer than the sender retries
         on_missing_key="reject",  # a delivery without an id: 400
     )
     # --8<-- [end:middleware]
-    return protected, processed
+    return protected, handled
 
 
 async def main() -> None:
@@ -62,7 +66,7 @@ async def main() -> None:
         started.set()
         await finish.wait()
 
-    app, _ = webhook_app(slow_fulfil)
+    app, handled = webhook_app(slow_fulfil)
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://shop") as client:
 
@@ -71,7 +75,11 @@ async def main() -> None:
                 "/webhooks", headers={"Webhook-Id": "evt_1"}, json={"type": "order.paid"}
             )
             retry = response.headers.get("retry-after")
-            print(f"{label:28} {response.status_code} {response.json()}  retry-after={retry}")
+            replayed = response.headers.get("idempotent-replayed")
+            print(
+                f"{label:28} {response.status_code} {response.json()}  "
+                f"retry-after={retry} replayed={replayed}"
+            )
 
         async with anyio.create_task_group() as tg:
             tg.start_soon(deliver, "first delivery")
@@ -79,6 +87,7 @@ async def main() -> None:
             await deliver("retry while processing")
             finish.set()
         await deliver("retry after processing")
+    print(f"handled {len(handled)} time(s)")
 
 
 if __name__ == "__main__":

@@ -3,15 +3,18 @@
 from . import keys
 from ._errors import (
     BackendUnavailable,
+    HoldExpired,
     KeyedLockError,
     LockAborted,
     LockBusy,
+    LockClosed,
     LockReentryError,
     LockTimeout,
     QueueFull,
 )
 from ._events import LockEvent, LockObserver
 from ._hooks import OnAcquired, OnRejected, OnReleased
+from ._idempotency import IdempotencyMiddleware
 from ._lock import Held, LockStats, mutex
 from ._middleware import BusyResponse, KeyedLockMiddleware
 from ._options import LOCK_DEFAULT, HoldOptions, LockDefault
@@ -25,12 +28,15 @@ __all__ = [
     "BackendUnavailable",
     "BusyResponse",
     "Held",
+    "HoldExpired",
     "HoldOptions",
+    "IdempotencyMiddleware",
     "KeyedLock",
     "KeyedLockError",
     "KeyedLockMiddleware",
     "LockAborted",
     "LockBusy",
+    "LockClosed",
     "LockDefault",
     "LockEvent",
     "LockObserver",

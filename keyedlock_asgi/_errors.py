@@ -4,9 +4,11 @@ from __future__ import annotations
 
 __all__ = [
     "BackendUnavailable",
+    "HoldExpired",
     "KeyedLockError",
     "LockAborted",
     "LockBusy",
+    "LockClosed",
     "LockReentryError",
     "LockTimeout",
     "QueueFull",
@@ -42,3 +44,12 @@ class LockReentryError(KeyedLockError, RuntimeError):
 
 class BackendUnavailable(KeyedLockError):
     """A distributed backend cannot be reached and the lock fails closed."""
+
+
+class LockClosed(KeyedLockError):
+    """The lock is draining or closed (`drain()`, `aclose()`): it takes no new holds."""
+
+
+class HoldExpired(KeyedLockError):
+    """The hold outlived `max_hold` (or its engine lease was lost) and was revoked: the block
+    was cancelled and the key passed on once it had unwound."""

@@ -1,8 +1,8 @@
 """`HttpOptions`: what every HTTP layer is told, resolved and validated once.
 
 The middleware, the Starlette decorator and the FastAPI dependency take the same keyword
-options for the lock (timeout, max_waiting, on_error, shared), the key (missing-key policy,
-maximum length) and the hooks. `http_options` turns them into one immutable value at
+options for the lock (timeout, max_waiting, on_error, max_hold, shared), the key (missing-key
+policy, maximum length) and the hooks. `http_options` turns them into one immutable value at
 construction time, so a mistake fails at start-up and no request re-reads loose arguments.
 """
 
@@ -57,6 +57,7 @@ def http_options(
     timeout: float | LockDefault | None = LOCK_DEFAULT,
     max_waiting: int | LockDefault | None = LOCK_DEFAULT,
     on_error: OnError | LockDefault = LOCK_DEFAULT,
+    max_hold: float | LockDefault | None = LOCK_DEFAULT,
     shared: bool = False,
     shared_methods: Iterable[str] | None = None,
     on_missing_key: OnMissingKey = "pass",
@@ -68,7 +69,7 @@ def http_options(
     """Validate an HTTP layer's options against `lock`'s defaults, once."""
     if not isinstance(lock, KeyedLock):
         raise TypeError("lock must be a KeyedLock")
-    exclusive = lock.defaults.resolve(timeout, max_waiting, on_error, False)
+    exclusive = lock.defaults.resolve(timeout, max_waiting, on_error, False, max_hold)
     if not isinstance(shared, bool):
         raise TypeError("shared must be a bool")
     if isinstance(shared_methods, str):

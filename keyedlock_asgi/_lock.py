@@ -29,10 +29,13 @@ from typing import TYPE_CHECKING, Any, Literal, ParamSpec, TypeVar, final, overl
 import anyio
 
 from . import _runtime
+from ._coalesce import coalesce as _coalesce
 from ._errors import (
     BackendUnavailable,
+    HoldExpired,
     LockAborted,
     LockBusy,
+    LockClosed,
     LockReentryError,
     LockTimeout,
     QueueFull,
@@ -42,7 +45,7 @@ from ._keystate import GRANTED, KeyState, abort, enter, leave, withdraw
 from ._options import LOCK_DEFAULT, HoldOptions, LockDefault, OnError
 
 if TYPE_CHECKING:
-    from .backends import BackendLease, LockBackend
+    from .backends import BackendLease, LeaseLost, LockBackend
 
 __all__ = ["Held", "KeyedLock", "LockStats", "OnBackendError", "mutex"]
 
@@ -53,6 +56,7 @@ OnBackendError = Literal["closed", "open"]
 logger = logging.getLogger("keyedlock_asgi")
 
 _current_asyncio_task = _runtime.current_asyncio_task
+_running_loop = _runtime.running_asyncio_loop
 
 
 @dataclass(frozen=True)
@@ -107,6 +111,8 @@ def _rejection_outcome(error: BaseException) -> Outcome:
         return "aborted"
     if isinstance(error, BackendUnavailable):
         return "backend_unavailable"
+    if isinstance(error, LockClosed):
+        return "closed"
     return "canceled"
 
 
@@ -122,7 +128,9 @@ class Held:
         "_granted_at",
         "_key",
         "_leases",
+        "_limit",
         "_lock",
+        "_lost",
         "_options",
         "_outcome",
         "_signal",
@@ -145,6 +153,8 @@ class Held:
     _waited: float
     _granted_at: float  # perf_counter() at the grant, when observers are attached
     _leases: list[BackendLease | None]  # with a backend: the engine's holds
+    _limit: anyio.CancelScope | None  # with `max_hold` or an engine: the scope that revokes it
+    _lost: LeaseLost | None  # an engine lease lost while held
     _signal: Any  # while queued: the future or trio.Event it parks on
     _outcome: object  # while queued: None, GRANTED, or the aborting holder's exception
     context: Any
@@ -194,21 +204,33 @@ class Held:
         return dict(zip(self.keys, tokens, strict=True))
 
     def __repr__(self) -> str:
-        status = "held" if getattr(self, "_state", None) is not None else "not held"
+        status = "held" if self._state is not None else "not held"
         mode = " shared" if self._options.shared else ""
         return f"<Held keys={self.keys!r}{mode} {status} token={self.token}>"
 
     async def __aenter__(self) -> Held:
+        waiting = self._try_enter()  # `_acquire`, spelled out: this is the hot path
+        if waiting is not None:
+            await self._enter_waiting(*waiting)
+        if self._options.max_hold is not None:
+            self._start_limit()  # a cancel scope: the block must end in the task it began in
+        return self
+
+    async def _acquire(self) -> None:
+        """`__aenter__` without starting `max_hold`'s limit: for a caller that waits inside a
+        task group of its own and enters the limit after leaving it (the middleware)."""
+        waiting = self._try_enter()
+        if waiting is not None:
+            await self._enter_waiting(*waiting)
+
+    async def _enter_waiting(self, state: _LoopState, queue: KeyState | None) -> None:
+        """`__aenter__` when `_try_enter` could not grant at once: wait, or take each key."""
         lock = self._lock
-        state, self._task = lock._current()
-        key = self._key
         try:
-            if type(key) is not str or lock._backend is not None:
+            if queue is None:
                 await self._acquire_all(state)
             else:
-                queue = enter(state.keys, key, self, lock._max_concurrency, state.wake)
-                if queue is not None:
-                    await self._wait(state, key, queue, self._options.timeout)
+                await self._wait(state, self._key, queue, self._options.timeout)  # type: ignore[arg-type]
                 self._token = next(lock._fence)
         except BaseException as error:
             if lock._observers and not isinstance(error, LockReentryError):
@@ -217,7 +239,31 @@ class Held:
         self._state = state
         if lock._observers:
             lock._granted(self)
-        return self
+
+    @property
+    def _revocable(self) -> bool:
+        """Whether a caller that runs the block in the task that took the hold should start
+        `_start_limit` (the middleware does): `max_hold` set, or an engine lease to lose.
+        `__aenter__` starts it only for `max_hold`, so a hold without one may still be
+        released from another task."""
+        return self._options.max_hold is not None or self._lock._backend is not None
+
+    def _start_limit(self) -> None:
+        """Cancel the block that holds this once the hold is `max_hold` old, or its engine
+        lease is lost. Entered by the task that runs the block, right after the grant;
+        `_release` leaves it."""
+        max_hold = self._options.max_hold
+        deadline = anyio.current_time() + max_hold if max_hold is not None else float("inf")
+        limit = self._limit = anyio.CancelScope(deadline=deadline)
+        limit.__enter__()
+        if self._lost is not None:  # lost between the grant and now
+            limit.cancel()
+
+    def _lease_lost(self, event: LeaseLost) -> None:
+        """An engine lease of this hold ended while held: revoke the hold like `max_hold`."""
+        self._lost = event
+        if self._limit is not None:
+            self._limit.cancel()
 
     async def __aexit__(
         self,
@@ -225,49 +271,78 @@ class Held:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if self._lock._backend is not None and getattr(self, "_state", None) is not None:
+        if self._lock._backend is not None and self._state is not None:
             await _release_leases(self._leases)
-        self._release(exc)
+        if self._release(exc):
+            lost = self._lost
+            if lost is not None:
+                raise HoldExpired(f"the engine lease of the hold was lost ({lost.reason})")
+            raise HoldExpired(f"the hold outlived max_hold ({self._options.max_hold:g} s)")
 
-    def _enter_now(self) -> bool:
-        """Enter without waiting if that is possible (one key, in-process, grantable now).
-
-        False, with nothing changed, when `__aenter__` would have to wait (or talk to a
-        backend); raises what `__aenter__` would raise at once (busy, queue full, re-entry).
-        Lets the ASGI layers start their disconnect watcher only for requests that queue.
-        """
+    def _try_enter(self) -> tuple[_LoopState, KeyState | None] | None:
+        """Enter now if that is possible: None, and the hold is granted. Otherwise, with
+        nothing granted, the loop's state and the queue to wait in (no queue: several keys or
+        a backend, which `__aenter__` then takes one by one). Raises what entering raises at
+        once (re-entry, busy, queue full). The one synchronous way in: `__aenter__` and the
+        ASGI layers (which start a disconnect watcher only for requests that must wait)."""
         lock = self._lock
-        key = self._key
-        if type(key) is not str or lock._backend is not None:
-            return False
         state, self._task = lock._current()
+        key = self._key
+        if type(key) is not str or lock._backend is not None or lock._closed:
+            return state, None
         table = state.keys
         if key in table:
             try:
-                if enter(table, key, self, lock._max_concurrency, state.wake) is not None:
-                    return False
+                queue = enter(table, key, self, lock._max_concurrency, state.wake)
             except (LockBusy, QueueFull) as error:
                 if lock._observers:
                     lock._rejected(self, error)
                 raise
-        else:  # `enter`'s first case, inline: the ASGI layers' hot path
+            if queue is not None:
+                return state, queue
+        else:  # `enter`'s first rule, inline (the hot path): a key with no entry is granted
             table[key] = self
         self._token = next(lock._fence)
         self._state = state
         if lock._observers:
             lock._granted(self)
-        return True
+        return None
 
-    def _release(self, error: BaseException | None) -> None:
+    def _enter_now(self) -> bool:
+        """`_try_enter` for the ASGI layers: whether the hold was granted without waiting."""
+        return self._try_enter() is None
+
+    def _release(self, error: BaseException | None) -> bool:
         """Give every key back (the in-process part of leaving): the one release path.
 
         `error`: the exception leaving the block, if any (`on_error="stop"` aborts the queue).
-        Synchronous, so the ASGI layers release without awaiting after a normal end.
+        Returns whether the hold had expired (`max_hold` cancelled its block). Synchronous, so
+        the ASGI layers release without awaiting after a normal end.
         """
-        state = getattr(self, "_state", None)
+        state = self._state
         if state is None:
             raise RuntimeError("this hold is not held")
         self._state = None
+        expired = False
+        limit = self._limit
+        if limit is not None:
+            self._limit = None
+            try:
+                if error is None:
+                    limit.__exit__(None, None, None)
+                else:
+                    limit.__exit__(type(error), error, error.__traceback__)
+                expired = limit.cancelled_caught
+            finally:
+                self._leave_all(state, None if expired else error)
+        else:
+            self._leave_all(state, error)
+        lock = self._lock
+        if lock._observers:
+            lock._released(self, error, expired)
+        return expired
+
+    def _leave_all(self, state: _LoopState, error: BaseException | None) -> None:
         key = self._key
         table = state.keys
         if error is not None and self._options.on_error == "stop":
@@ -279,9 +354,6 @@ class Held:
             del table[key]
         else:
             leave(table, key, self)
-        lock = self._lock
-        if lock._observers:
-            lock._released(self, error)
 
     @staticmethod
     def _abort_waiters(
@@ -337,6 +409,8 @@ class Held:
         """Several keys, or a backend: take every key in order, all or nothing."""
         lock = self._lock
         backend = lock._backend
+        if lock._closed:
+            raise LockClosed(f"the lock {lock.name!r} is closed: it takes no new holds")
         keys = (self._key,) if type(self._key) is str else self._key
         table = state.keys
         task = self._task
@@ -367,8 +441,13 @@ class Held:
                 waited = True
                 if deadline is not None:
                     remaining = max(deadline - perf_counter(), 0.0)
-                leases.append(await self._acquire_lease(backend, key, remaining))
-                tokens.append(0 if leases[-1] is None else leases[-1].token)
+                lease = await self._acquire_lease(backend, key, remaining)
+                leases.append(lease)
+                if lease is None:
+                    tokens.append(0)
+                else:
+                    tokens.append(lease.token)
+                    lease.on_lost = self._lease_lost
         except BaseException as error:
             if isinstance(error, LockTimeout):
                 error.retry_after = timeout  # the caller's whole budget, not what was left
@@ -443,12 +522,13 @@ class KeyedLock:
         key_prefix: str = "",
         backend: LockBackend | None = None,
         on_backend_error: OnBackendError = "closed",
+        max_hold: float | None = None,
         name: str = "default",
         observers: Iterable[LockObserver] = (),
         metrics: bool = True,
         meter_provider: Any = None,
     ) -> None:
-        self._defaults = HoldOptions().resolve(timeout, max_waiting, on_error)
+        self._defaults = HoldOptions().resolve(timeout, max_waiting, on_error, False, max_hold)
         self._shared_defaults = self._defaults._replace(shared=True)
         if isinstance(max_concurrency, bool) or not isinstance(max_concurrency, int):
             raise TypeError("max_concurrency must be an int")
@@ -470,6 +550,7 @@ class KeyedLock:
             self.add_observer(observer)
         if metrics:
             _attach_metrics(self, meter_provider)
+        self._closed = False
         self._fence = itertools.count(1)
         self._states: weakref.WeakKeyDictionary[object, _LoopState] = weakref.WeakKeyDictionary()
         # The event loop (asyncio loop or trio root task) seen last, and its state.
@@ -494,6 +575,16 @@ class KeyedLock:
     def defaults(self) -> HoldOptions:
         """The hold options every `hold()` starts from."""
         return self._defaults
+
+    @property
+    def max_hold(self) -> float | None:
+        """Default seconds a hold may stay open before it is revoked (None: unbounded)."""
+        return self._defaults.max_hold
+
+    @property
+    def closed(self) -> bool:
+        """Whether `drain()` or `aclose()` stopped the lock taking new holds."""
+        return self._closed
 
     @property
     def max_concurrency(self) -> int:
@@ -538,6 +629,7 @@ class KeyedLock:
         max_waiting: int | LockDefault | None = LOCK_DEFAULT,
         on_error: OnError | LockDefault = LOCK_DEFAULT,
         shared: bool | LockDefault = LOCK_DEFAULT,
+        max_hold: float | LockDefault | None = LOCK_DEFAULT,
     ) -> Held:
         """Hold one or more keys for the length of an `async with` block.
 
@@ -549,12 +641,13 @@ class KeyedLock:
             and max_waiting is LOCK_DEFAULT
             and on_error is LOCK_DEFAULT
             and (shared is LOCK_DEFAULT or shared is False)
+            and max_hold is LOCK_DEFAULT
         ):
             options = self._defaults  # the hot path: nothing to check
-        elif shared is True and timeout is max_waiting is on_error is LOCK_DEFAULT:
+        elif shared is True and timeout is max_waiting is on_error is max_hold is LOCK_DEFAULT:
             options = self._shared_defaults
         else:
-            options = self._defaults.resolve(timeout, max_waiting, on_error, shared)
+            options = self._defaults.resolve(timeout, max_waiting, on_error, shared, max_hold)
         return self._hold(key, more_keys, options)
 
     def _hold(self, key: str, more_keys: tuple[str, ...], options: HoldOptions) -> Held:
@@ -562,6 +655,7 @@ class KeyedLock:
         held = Held()
         held._lock = self
         held._options = options
+        held._state = held._limit = held._lost = None
         held.context = None
         if more_keys or type(key) is not str:
             held._key = self._key_set(key, more_keys)
@@ -638,8 +732,40 @@ class KeyedLock:
         observers.remove(observer)
         self._observers = tuple(observers)
 
-    async def aclose(self) -> None:
-        """Close the backend's connections, if the lock has a backend."""
+    async def drain(self, timeout: float | None = None) -> None:
+        """Stop taking new holds (they raise `LockClosed`) and wait until nothing is held or
+        queued on the current event loop. Callers queued already keep their place.
+
+        Raises `TimeoutError` if that takes longer than `timeout` seconds (the lock stays
+        closed). For a graceful shutdown: drain, then let the server finish.
+        """
+        self._closed = True
+        state = self._current_state()
+        if state is None or not state.keys:
+            return
+        idle = anyio.Event()
+
+        def watch(event: LockEvent) -> None:
+            if not state.keys:
+                idle.set()
+
+        self.add_observer(watch)
+        try:
+            with anyio.fail_after(timeout):
+                await idle.wait()
+        finally:
+            self.remove_observer(watch)
+
+    async def aclose(self, timeout: float | None = None) -> None:
+        """`drain(timeout)`, then close the backend's connections, if the lock has a backend.
+
+        After `timeout` seconds the engine is closed anyway (with a warning): its holds still
+        open are released there, and their in-process holders find out when they leave.
+        """
+        try:
+            await self.drain(timeout)
+        except TimeoutError:
+            logger.warning("lock %r closed with holds still open (drain timed out)", self._name)
         if self._backend is not None:
             await self._backend.aclose()
 
@@ -657,12 +783,12 @@ class KeyedLock:
     def _current(self) -> tuple[_LoopState, object]:
         """The current event loop's key table and the current task (public APIs only)."""
         try:
-            task = _current_asyncio_task()
+            loop = _running_loop()
         except RuntimeError:  # no asyncio loop in this thread: trio, or none at all
             return self._current_trio()
+        task = _current_asyncio_task(loop)
         if task is None:
             raise RuntimeError("KeyedLock must be used from a task on an asyncio or trio loop")
-        loop = task.get_loop()
         cached_loop, state = self._cache
         if cached_loop is loop and state is not None:
             return state, task
@@ -703,23 +829,43 @@ class KeyedLock:
     def _granted(self, held: Held) -> None:
         held._granted_at = perf_counter()
         waited = held.waited
-        queued = hasattr(held, "_waited")
+        queued = hasattr(held, "_signal")  # it parked in the queue (`_wait`)
         notify(self._observers, LockEvent("granted", held, "acquired", queued, waited))
 
     def _rejected(self, held: Held, error: BaseException) -> None:
         outcome = _rejection_outcome(error)
-        queued = hasattr(held, "_waited")
+        queued = hasattr(held, "_signal")  # it parked in the queue (`_wait`)
         notify(
             self._observers,
             LockEvent("rejected", held, outcome, queued, held.waited, error=error),
         )
 
-    def _released(self, held: Held, error: BaseException | None) -> None:
+    def _released(self, held: Held, error: BaseException | None, expired: bool) -> None:
         held_for = perf_counter() - getattr(held, "_granted_at", perf_counter())
-        outcome: Outcome = "normal" if error is None else "error"
-        queued = hasattr(held, "_waited")
+        outcome: Outcome = "expired" if expired else "normal" if error is None else "error"
+        queued = hasattr(held, "_signal")  # it parked in the queue (`_wait`)
         event = LockEvent("released", held, outcome, queued, held.waited, held_for, error)
         notify(self._observers, event)
+
+    # -- single flight (logic in _coalesce) ---------------------------------------------------
+
+    @overload
+    async def coalesce(
+        self, key: str, fn: Callable[P, Awaitable[T]], /, *args: P.args, **kwargs: P.kwargs
+    ) -> T: ...
+
+    @overload
+    async def coalesce(
+        self, key: str, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs
+    ) -> T: ...
+
+    async def coalesce(self, key: str, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+        """Single flight: concurrent calls for `key` share one call of `fn` (this process only).
+
+        A caller cancelled while running `fn` does not cancel the others: one of them runs it
+        anew. Nothing is cached after the call ends. No key is held; `fn` may be sync or async.
+        """
+        return await _coalesce(self, self._key_prefix + key, fn, *args, **kwargs)
 
 
 def _attach_metrics(lock: KeyedLock, meter_provider: Any) -> None:

@@ -11,6 +11,7 @@ awaitable, with no coroutine of ours in between.
 from __future__ import annotations
 
 import inspect
+import logging
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from time import perf_counter
@@ -20,7 +21,7 @@ from typing import Any, Literal, NoReturn, TypeAlias
 import anyio
 
 from . import keys as _keys
-from ._errors import KeyedLockError, LockReentryError
+from ._errors import HoldExpired, KeyedLockError, LockReentryError
 from ._hooks import OnAcquired, OnRejected, OnReleased
 from ._http_options import http_options
 from ._lock import Held, KeyedLock
@@ -41,6 +42,8 @@ from ._types import ASGIApp, Message, Receive, Scope, Send
 __all__ = ["BusyResponse", "KeyedLockMiddleware"]
 
 DEFAULT_MAX_BUFFERED_BODY = 1024 * 1024
+
+logger = logging.getLogger("keyedlock_asgi")
 
 BusyResponse: TypeAlias = Callable[[Scope, Rejection], "ASGIApp | Awaitable[ASGIApp | None] | None"]
 """`busy_response(scope, rejection)`: an ASGI app (a Starlette `Response` works) that answers the
@@ -71,6 +74,7 @@ class KeyedLockMiddleware:
         timeout: float | LockDefault | None = LOCK_DEFAULT,
         max_waiting: int | LockDefault | None = LOCK_DEFAULT,
         on_error: OnError | LockDefault = LOCK_DEFAULT,
+        max_hold: float | LockDefault | None = LOCK_DEFAULT,
         shared_methods: Iterable[str] | None = None,
         on_missing_key: Literal["pass", "reject"] = "pass",
         max_key_length: int = _keys.DEFAULT_MAX_KEY_LENGTH,
@@ -95,6 +99,7 @@ class KeyedLockMiddleware:
             timeout=timeout,
             max_waiting=max_waiting,
             on_error=on_error,
+            max_hold=max_hold,
             shared_methods=shared_methods,
             on_missing_key=on_missing_key,
             max_key_length=max_key_length,
@@ -113,7 +118,12 @@ class KeyedLockMiddleware:
         self.hooks = hooks = options.hooks
         self._max_key_length = options.max_key_length
         self._hold_options = options.exclusive if options.shared_methods is None else None
-        self._plain = not server_timing and hooks.on_acquired is None and hooks.on_released is None
+        self._plain = (
+            not server_timing
+            and hooks.on_acquired is None
+            and hooks.on_released is None
+            and options.exclusive.max_hold is None
+        )
         routes = RouteFilter(include, exclude)
         self._routes = routes if routes.active else None
         self._filtered = self.methods is not None or self._routes is not None
@@ -237,21 +247,29 @@ class KeyedLockMiddleware:
             await self._run(held, scope, receive, send)
 
     async def _run(self, held: Held, scope: Scope, receive: Receive, send: Send) -> None:
-        """Call the app holding the key; release when it returns (or raises)."""
+        """Call the app holding the key; release when it returns (or raises).
+
+        With `max_hold` (or an engine lease lost while held), the app is cancelled: answered
+        503 if its response had not started, cut off (the exception reaches the server) if it
+        had.
+        """
         records, ours = record(scope, held)
         hooks = self.hooks
         started = perf_counter() if hooks.on_released is not None else 0.0
+        response = _ResponseStart(send) if held._revocable else None
         error: BaseException | None = None
         try:
-            if hooks.on_acquired is not None:
-                await hooks.acquired(scope, held)
-            if self.server_timing:
-                send = _with_server_timing(send, held.waited)
-            await self.app(scope, receive, send)
-        except BaseException as exc:
-            error = exc
-            raise
-        finally:
+            try:
+                if response is not None:
+                    held._start_limit()
+                if hooks.on_acquired is not None:
+                    await hooks.acquired(scope, held)
+                app_send = send if response is None else response.send
+                if self.server_timing:
+                    app_send = _with_server_timing(app_send, held.waited)
+                await self.app(scope, receive, app_send)
+            except BaseException as exc:
+                error = exc
             try:  # release first: nothing the app did to the scope can keep the key held
                 if error is None:
                     await held.__aexit__(None, None, None)
@@ -260,6 +278,19 @@ class KeyedLockMiddleware:
             finally:
                 if held in records:
                     records.remove(held)
+        except HoldExpired as expired:
+            logger.warning(
+                "a request's hold was revoked (%s) and the request cancelled%s",
+                expired,
+                "" if response is None or not response.started else "; response cut off",
+            )
+            if response is None or response.started:
+                raise
+            await send_rejection(send, rejection_for(expired))
+        else:
+            if error is not None:
+                raise error
+        finally:
             if hooks.on_released is not None:
                 await hooks.released(scope, held, perf_counter() - started)
             unrecord(scope, records, held, ours)  # the entry stays for the hook to read
@@ -274,7 +305,7 @@ class KeyedLockMiddleware:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(watcher.watch, tg.cancel_scope)
                 try:
-                    await held.__aenter__()
+                    await held._acquire()  # `max_hold` starts in `_run`, outside this group
                     entered = True
                 except LockReentryError as exc:
                     failure = exc
@@ -317,6 +348,21 @@ class KeyedLockMiddleware:
                 await answer(scope, receive, send)
                 return
         await send_rejection(send, rejection)
+
+
+class _ResponseStart:
+    """Notes whether the response has started (its headers went out)."""
+
+    __slots__ = ("_send", "started")
+
+    def __init__(self, send: Send) -> None:
+        self._send = send
+        self.started = False
+
+    async def send(self, message: Message) -> None:
+        if message["type"] == "http.response.start":
+            self.started = True
+        await self._send(message)
 
 
 class _Watcher:

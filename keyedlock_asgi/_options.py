@@ -51,6 +51,9 @@ class HoldOptions(NamedTuple):
     """"stop": a failure inside the hold aborts the callers queued behind it."""
     shared: bool = False
     """A reader's hold: shared holders of a key run together, never with an exclusive one."""
+    max_hold: float | None = None
+    """Seconds a hold may stay open: then its block is cancelled and leaving raises
+    `HoldExpired` (None: unbounded)."""
 
     def resolve(
         self,
@@ -58,6 +61,7 @@ class HoldOptions(NamedTuple):
         max_waiting: int | LockDefault | None = LOCK_DEFAULT,
         on_error: OnError | LockDefault = LOCK_DEFAULT,
         shared: bool | LockDefault = LOCK_DEFAULT,
+        max_hold: float | LockDefault | None = LOCK_DEFAULT,
     ) -> HoldOptions:
         """These options with the given ones replaced, each checked; `LOCK_DEFAULT` keeps ours."""
         return HoldOptions(
@@ -65,6 +69,7 @@ class HoldOptions(NamedTuple):
             self.max_waiting if max_waiting is LOCK_DEFAULT else check_max_waiting(max_waiting),
             self.on_error if on_error is LOCK_DEFAULT else check_on_error(on_error),
             self.shared if shared is LOCK_DEFAULT else check_shared(shared),
+            self.max_hold if max_hold is LOCK_DEFAULT else check_max_hold(max_hold),
         )
 
 
@@ -100,3 +105,13 @@ def check_shared(shared: object) -> bool:
     if not isinstance(shared, bool):
         raise TypeError("shared must be a bool")
     return shared
+
+
+def check_max_hold(max_hold: object) -> float | None:
+    if max_hold is None:
+        return None
+    if isinstance(max_hold, bool) or not isinstance(max_hold, (int, float)):
+        raise TypeError("max_hold must be None or a number")
+    if not max_hold > 0:
+        raise ValueError("max_hold must be None or a number > 0")
+    return max_hold

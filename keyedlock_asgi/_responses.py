@@ -8,9 +8,11 @@ from dataclasses import dataclass
 
 from ._errors import (
     BackendUnavailable,
+    HoldExpired,
     KeyedLockError,
     LockAborted,
     LockBusy,
+    LockClosed,
     LockTimeout,
     QueueFull,
 )
@@ -24,8 +26,9 @@ class Rejection:
     """Why a request was not served and how to tell the client. Never carries the key."""
 
     reason: str
-    """Machine-readable: busy, aborted, queue_full, timeout, backend_unavailable,
-    missing_key, invalid_key, body_too_large."""
+    """Machine-readable: busy, aborted, queue_full, timeout, backend_unavailable, closed,
+    expired, missing_key, invalid_key, body_too_large; for idempotent requests also
+    key_reused, not_kept, store_unavailable."""
     status: int
     detail: str
     retry_after: int | None
@@ -52,6 +55,8 @@ _BY_ERROR: dict[type[KeyedLockError], tuple[str, int, str]] = {
     QueueFull: ("queue_full", 429, "Too many requests with the same key are waiting."),
     LockTimeout: ("timeout", 503, "Timed out waiting for a request with the same key."),
     BackendUnavailable: ("backend_unavailable", 503, "The lock service is unavailable."),
+    LockClosed: ("closed", 503, "The server is shutting down; try again."),
+    HoldExpired: ("expired", 503, "The request held its lock for too long and was stopped."),
 }
 
 MISSING_KEY = Rejection("missing_key", 400, "This request needs a lock key and has none.", None)
@@ -59,6 +64,22 @@ INVALID_KEY = Rejection("invalid_key", 400, "The request's lock key is invalid."
 BODY_TOO_LARGE = Rejection(
     "body_too_large", 413, "The request body is too large to hold while waiting.", None
 )
+
+# Idempotent requests (IdempotencyMiddleware); a duplicate still in flight gets LockBusy's 409.
+MISSING_IDEMPOTENCY_KEY = Rejection(
+    "missing_key", 400, "This request needs an Idempotency-Key.", None
+)
+INVALID_IDEMPOTENCY_KEY = Rejection("invalid_key", 400, "The Idempotency-Key is invalid.", None)
+KEY_REUSED = Rejection(
+    "key_reused", 422, "This Idempotency-Key was already used for a different request.", None
+)
+NOT_KEPT = Rejection(
+    "not_kept",
+    409,
+    "A request with this Idempotency-Key was already processed; its response was not kept.",
+    None,
+)
+STORE_UNAVAILABLE = Rejection("store_unavailable", 503, "The idempotency store is unavailable.", 1)
 
 
 def retry_after_seconds(hint: float | None) -> int:

@@ -34,10 +34,14 @@ __all__ = [
     "mark_coroutine_function",
     "may_be_cancelled",
     "public_may_be_cancelled",
+    "running_asyncio_loop",
 ]
 
+running_asyncio_loop = asyncio.get_running_loop
+"""The running asyncio loop; raises RuntimeError with none (under trio, or outside a loop)."""
+
 current_asyncio_task = asyncio.current_task
-"""The running asyncio task (None outside a task); raises RuntimeError with no asyncio loop."""
+"""`current_asyncio_task(loop)`: that loop's running task, or None outside a task."""
 
 checkpoint_if_cancelled = anyio.lowlevel.checkpoint_if_cancelled
 """Raise a pending cancellation, if any, without yielding otherwise (anyio's public call)."""

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from keyedlock_asgi import KeyedLock
-from tests.support.engines import ASYNCIO_ONLY, ENGINES
+from tests.support.engines import ASYNCIO_ONLY, ENGINES, NO_SLOTS
 
 REQUIRE_SERVICES = os.environ.get("KEYEDLOCK_REQUIRE_SERVICES") == "1"
 
@@ -54,6 +54,8 @@ async def make_lock(engine: str) -> AsyncIterator[Callable[..., KeyedLock]]:
     made: list[KeyedLock] = []
 
     def factory(**options: Any) -> KeyedLock:
+        if engine in NO_SLOTS and options.get("max_concurrency", 1) > 1:
+            pytest.skip(NO_SLOTS[engine])
         namespace = f"test-{uuid.uuid4().hex[:12]}"
         lock = KeyedLock(backend=ENGINES[engine](namespace), **options)
         made.append(lock)

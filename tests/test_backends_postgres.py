@@ -11,6 +11,7 @@ import asyncio
 import gc
 import uuid
 from collections.abc import AsyncIterator
+from time import monotonic
 from typing import Any
 
 import anyio
@@ -19,8 +20,11 @@ import pytest
 
 from keyedlock_asgi import BackendUnavailable, KeyedLock, LockBusy, LockTimeout
 from keyedlock_asgi.backends.postgres import LeaseLost, PostgresBackend, key_id
+from tests.support.engine_pgbouncer import ROUTES, routed_backend
 from tests.support.engine_postgres import PG_DSN, postgres_backend, require_postgres
+from tests.support.loop_thread import LoopThread
 from tests.support.server import free_port
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.anyio
 
@@ -57,18 +61,11 @@ async def advisory_locks(pg: Any, namespace: str) -> list[tuple[int, int, bool]]
     return [(r["pid"], r["id"], r["granted"]) for r in rows]
 
 
-async def until(condition: Any, what: str, limit: float = 10.0) -> None:
-    """Readiness wait on an observable condition (not an assertion about time)."""
-    with anyio.fail_after(limit):
-        while not await condition():  # noqa: ASYNC110 - the condition lives in the server
-            await anyio.sleep(0.005)
-
-
-def pair(namespace: str, **options: Any) -> tuple[KeyedLock, KeyedLock]:
-    """Two locks on separate pools, as two processes would have."""
+def pair(namespace: str, mode: str = "session", **options: Any) -> tuple[KeyedLock, KeyedLock]:
+    """Two locks on separate pools, as two processes would have (`mode`: one of ROUTES)."""
     return (
-        KeyedLock(backend=postgres_backend(namespace, **options)),
-        KeyedLock(backend=postgres_backend(namespace, **options)),
+        KeyedLock(backend=routed_backend(mode, namespace, **options)),
+        KeyedLock(backend=routed_backend(mode, namespace, **options)),
     )
 
 
@@ -105,7 +102,7 @@ def test_rejects_bad_options() -> None:
 # -- exclusion and order ------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("mode", ["session", "transaction"])
+@pytest.mark.parametrize("mode", ROUTES)
 async def test_two_pools_never_overlap_and_tokens_increase(pg: Any, mode: str) -> None:
     namespace = new_namespace()
     locks = pair(namespace, mode=mode)
@@ -137,7 +134,7 @@ async def test_two_pools_never_overlap_and_tokens_increase(pg: Any, mode: str) -
     await close(*locks)
 
 
-@pytest.mark.parametrize("mode", ["session", "transaction"])
+@pytest.mark.parametrize("mode", ROUTES)
 async def test_busy_and_timeout_leave_nothing_queued(pg: Any, mode: str) -> None:
     namespace = new_namespace()
     a, b = pair(namespace, mode=mode)
@@ -173,42 +170,65 @@ async def test_cancelled_waiter_leaves_the_queue(pg: Any) -> None:
             async def queued() -> bool:
                 return any(not granted for *_, granted in await advisory_locks(pg, namespace))
 
-            await until(queued, "b waits in the server")
+            await wait_until(queued, "b waits in the server")
             tg.cancel_scope.cancel()
         rows = await advisory_locks(pg, namespace)
         assert [granted for *_, granted in rows] == [True]
     await close(a, b)
 
 
-@pytest.mark.parametrize("mode", ["session", "transaction"])
+@pytest.mark.parametrize("mode", ROUTES)
 async def test_cancel_racing_the_grant_never_strands_the_key(pg: Any, mode: str) -> None:
-    """The server may grant a wait at the moment it is cancelled: the pool's reset unlocks it."""
+    """The server grants b's wait, and b is cancelled before it reads the grant: the pool's
+    reset (session mode) or rollback (transaction mode) must still give the key back.
+
+    b runs on an event loop of its own, frozen while a releases, so the grant is certain to be
+    made in the server (seen in `pg_locks`) and still unread when the cancellation lands.
+    """
     namespace = new_namespace()
-    a, b = pair(namespace, mode=mode)
-    granted_to_b = 0
-    for _ in range(15):
-        entered = anyio.Event()
+    a = KeyedLock(backend=routed_backend(mode, namespace))
+    b = KeyedLock(backend=routed_backend(mode, namespace))  # used on b's loop only
+    entered: list[str] = []
+    other = LoopThread()
 
-        async def waiter() -> None:
-            nonlocal granted_to_b
-            async with b.hold("k"):
-                granted_to_b += 1
+    async def waiter() -> None:
+        async with b.hold("k"):
+            entered.append("b")
 
-        async with anyio.create_task_group() as tg:
-            async with a.hold("k"):
-                tg.start_soon(waiter)
+    try:
+        held = a.hold("k")
+        await held.__aenter__()
+        task = other.submit(waiter())
 
-                async def queued() -> bool:
-                    return any(not g for *_, g in await advisory_locks(pg, namespace))
+        async def b_waits() -> bool:
+            return any(not granted for *_, granted in await advisory_locks(pg, namespace))
 
-                await until(queued, "b waits in the server")
-                entered.set()
-            await asyncio.sleep(0.0005)  # let the unlock reach the server before the cancel
-            tg.cancel_scope.cancel()
-        async with a.hold("k", timeout=0):  # would raise LockBusy if b's grant had leaked
+        await wait_until(b_waits, "b waits in the server")
+        [b_pid] = [pid for pid, _, granted in await advisory_locks(pg, namespace) if not granted]
+        with other.freeze():
+            await held.__aexit__(None, None, None)
+
+            async def granted_to_b() -> bool:
+                return await advisory_locks(pg, namespace) == [
+                    (b_pid, key_id(namespace, "k"), True)
+                ]
+
+            await wait_until(granted_to_b, "the server grants b")
+            task.cancel()  # runs on b's loop before it reads the grant
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wrap_future(task)
+
+        async def nothing_held() -> bool:
+            return await advisory_locks(pg, namespace) == []
+
+        await wait_until(nothing_held, "b's cleanup gives the key back")  # fails if stranded
+        assert entered == []  # b never ran: it was cancelled with the grant unread
+        async with a.hold("k", timeout=0):
             pass
-        assert await advisory_locks(pg, namespace) == []
-    await close(a, b)
+        await other.run(b.aclose())
+    finally:
+        other.close()
+    await close(a)
 
 
 # -- failure policy -----------------------------------------------------------------------
@@ -256,37 +276,49 @@ async def test_terminated_holder_connection_hands_over_and_reports_lost(pg: Any)
             async def queued() -> bool:
                 return any(not g for *_, g in await advisory_locks(pg, namespace))
 
-            await until(queued, "b waits")
+            await wait_until(queued, "b waits")
             [holder_pid] = [pid for pid, _, g in await advisory_locks(pg, namespace) if g]
             events.append("holder terminated")
             assert await pg.fetchval("SELECT pg_terminate_backend($1)", holder_pid)
-        await until(_async(lambda: bool(lost)), "a is told")
+        await wait_until(lambda: bool(lost), "a is told")
     assert events == ["holder terminated", "b granted"]
     assert (lost[0].token, lost[0].key) == (held.token, "k")
     await close(a, b)
 
 
-@pytest.mark.parametrize("mode", ["session", "transaction"])
+@pytest.mark.parametrize("mode", ROUTES)
 async def test_frozen_holder_loses_the_key_after_the_lease(pg: Any, mode: str) -> None:
+    """A holder whose event loop is stuck sends no heartbeat: the server ends its session
+    after `lease`, the next holder gets a larger token, and the holder is told once it wakes."""
     namespace = new_namespace()
     lease = 1.0
-    lost: list[tuple[float, LeaseLost]] = []
-    loop = asyncio.get_running_loop()
-    frozen_backend = postgres_backend(
-        namespace, mode=mode, lease=lease, on_lease_lost=lambda e: lost.append((loop.time(), e))
-    )
-    a = KeyedLock(backend=frozen_backend)
-    b = KeyedLock(backend=postgres_backend(namespace, mode=mode, lease=lease))
-    async with a.hold("k") as held:
-        a_granted = loop.time()
-        frozen_backend._heartbeat_paused = True  # the holder stops talking to the server
-        async with b.hold("k") as later:
-            b_granted = loop.time()
-        assert later.token > held.token
-        await until(_async(lambda: bool(lost)), "a is told")
-    assert b_granted - a_granted >= lease - 0.05  # the server waited out the lease
-    assert lost[0][1].token == held.token
-    await close(a, b)
+    lost: list[LeaseLost] = []
+    frozen = LoopThread()
+    a = KeyedLock(
+        backend=routed_backend(mode, namespace, lease=lease, on_lease_lost=lost.append)
+    )  # used on the frozen loop only
+    b = KeyedLock(backend=routed_backend(mode, namespace, lease=lease))
+    try:
+        held = a.hold("k")
+
+        async def take() -> tuple[int, float]:
+            await held.__aenter__()
+            return held.token, monotonic()
+
+        token, a_granted = await frozen.run(take())
+        with frozen.freeze():  # the holder stops talking to the server
+            async with b.hold("k") as later:
+                b_granted = monotonic()
+            assert lost == []  # frozen: it cannot know yet
+        assert later.token > token
+        await wait_until(lambda: bool(lost), "a is told once its loop runs again")
+        assert b_granted - a_granted >= lease - 0.05  # the server waited out the lease
+        assert lost[0].token == token
+        await frozen.run(held.__aexit__(None, None, None))
+        await frozen.run(a.aclose())
+    finally:
+        frozen.close()
+    await close(b)
 
 
 async def test_live_holder_keeps_the_key_past_the_lease(pg: Any) -> None:
@@ -348,8 +380,20 @@ async def test_a_burst_of_distinct_keys_is_bounded_by_the_pool(pg: Any) -> None:
     namespace = new_namespace()
     pool_size = 8
     lock = KeyedLock(backend=postgres_backend(namespace, pool_size=pool_size), timeout=3.0)
-    async with lock.hold("warm-up"):  # open the pool before the loop gets flooded
-        pass
+    # Open every pool connection before the loop gets flooded: a connection opened under
+    # 100,000 runnable tasks can miss its connect_timeout on a loaded machine.
+    all_in, inside = anyio.Event(), []
+
+    async def warm(n: int) -> None:
+        async with lock.hold(f"warm-up:{n}"):
+            inside.append(n)
+            if len(inside) == pool_size:
+                all_in.set()
+            await all_in.wait()
+
+    async with anyio.create_task_group() as tg:
+        for n in range(pool_size):
+            tg.start_soon(warm, n)
     outcomes: dict[str, int] = {"served": 0, "timeout": 0}
     peak = 0
     done = asyncio.Event()
@@ -407,15 +451,8 @@ async def test_aclose_releases_open_holds(pg: Any) -> None:
     a, b = pair(namespace)
     hold = a.hold("k")
     await hold.__aenter__()
-    await a.aclose()  # e.g. lifespan shutdown while a request still holds the key
+    await a.aclose(timeout=0)  # a shutdown that will not wait for the request holding it
     async with b.hold("k", timeout=0):
         pass
     await hold.__aexit__(None, None, None)  # the later release is a no-op
     await close(b)
-
-
-def _async(predicate: Any) -> Any:
-    async def check() -> bool:
-        return bool(predicate())
-
-    return check

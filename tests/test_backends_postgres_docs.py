@@ -26,3 +26,14 @@ async def test_fencing_example_refuses_the_stale_holder() -> None:
         "a_told": True,
         "tokens_increase": True,
     }
+
+
+async def test_pgbouncer_example_runs_through_pgbouncer() -> None:
+    from docs.examples import postgres_pgbouncer
+    from tests.support.engine_pgbouncer import pgbouncer_dsn
+
+    assert await postgres_pgbouncer.main(pgbouncer_dsn()) == {
+        "fenced": True,
+        "refused": True,
+        "writer_kept_out": True,
+    }

@@ -21,8 +21,9 @@ import pytest
 from keyedlock_asgi.backends.postgres import key_id
 from tests.support.engine_postgres import PG_DSN, require_postgres
 from tests.support.server import uvicorn_servers
+from tests.support.waiting import wait_until
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.multiprocess]
 
 LEASE = 1.0
 START_BALANCE = 1_000_000
@@ -95,16 +96,6 @@ async def events(pg: Any, shop: Shop, user: str) -> list[Any]:
     )
 
 
-async def until(check: Any, limit: float = 30.0) -> Any:
-    """Readiness wait on state the server shows (not an assertion about time)."""
-    with anyio.fail_after(limit):
-        while True:
-            found = await check()
-            if found:
-                return found
-            await anyio.sleep(0.01)
-
-
 async def post(client: httpx.AsyncClient, url: str, user: str, request: str) -> int:
     try:
         response = await client.post(
@@ -160,7 +151,7 @@ async def _holder_and_waiters(
         rows = [r for r in await events(pg, shop, user) if r["event"] == "enter"]
         return rows[0] if rows else None
 
-    entered = await until(holder_entered)
+    entered = await wait_until(holder_entered, "holder entered", limit=30.0)
     lock_id = key_id(shop.namespace, user)
 
     async def lock_state() -> Any:
@@ -174,7 +165,7 @@ async def _holder_and_waiters(
 
     for i, url in enumerate(shop.urls):
         tg.start_soon(post, client, f"{url}/checkout", user, f"w{i}")
-    return entered, await until(lock_state)
+    return entered, await wait_until(lock_state, "another worker waits in PostgreSQL", limit=30.0)
 
 
 async def _note(pg: Any, shop: Shop, user: str, event: str) -> None:
@@ -209,13 +200,17 @@ async def test_terminated_holder_connection_lets_the_next_waiter_in(shop: Shop, 
         entered, holder_pid = await _holder_and_waiters(shop, pg, client, tg, user)
         await _note(pg, shop, user, "terminated")
         assert await pg.fetchval("SELECT pg_terminate_backend($1)", holder_pid)
-        await until(lambda: _lost_reported(pg, shop, user, entered["token"]))
+        await wait_until(
+            lambda: _lost_reported(pg, shop, user, entered["token"]),
+            "the holder is told it lost the key",
+            limit=30.0,
+        )
 
         async def another_entered() -> bool:
             rows = await events(pg, shop, user)
             return any(r["event"] == "enter" and r["id"] > entered["id"] for r in rows)
 
-        await until(another_entered)
+        await wait_until(another_entered, "another entered", limit=30.0)
         # Checkouts queued behind the holder in its own worker wait for it to finish.
         await _finish_holder(pg, shop, user)
     rows = await events(pg, shop, user)
@@ -242,10 +237,14 @@ async def test_frozen_worker_loses_the_key_after_the_lease(shop: Shop, pg: Any) 
                 later = [r for r in rows if r["event"] == "enter" and r["id"] > entered["id"]]
                 return later[0] if later else None
 
-            other = await until(another_entered)
+            other = await wait_until(another_entered, "another entered", limit=30.0)
         finally:
             os.kill(entered["worker"], signal.SIGCONT)
-        await until(lambda: _lost_reported(pg, shop, user, entered["token"]))
+        await wait_until(
+            lambda: _lost_reported(pg, shop, user, entered["token"]),
+            "the holder is told it lost the key",
+            limit=30.0,
+        )
         await _finish_holder(pg, shop, user)
     # The lease runs from the lock connection's last statement (the grant), which comes a
     # moment before the holder's "enter" row: allow that moment, never a real early grant.
@@ -268,7 +267,7 @@ async def test_killed_worker_lets_the_next_waiter_in(shop: Shop, pg: Any) -> Non
             rows = await events(pg, shop, user)
             return any(r["event"] == "enter" and r["id"] > entered["id"] for r in rows)
 
-        await until(another_entered)
+        await wait_until(another_entered, "another entered", limit=30.0)
         # Checkouts queued in the killed worker fail with it (status 0); the rest finish.
     rows = await events(pg, shop, user)
     order = [(r["request"].split(":")[1], r["event"]) for r in rows]

@@ -17,12 +17,13 @@ import anyio
 import anyio.lowlevel
 import pytest
 
-from keyedlock_asgi import BackendUnavailable, KeyedLock, LockBusy, LockTimeout
+from keyedlock_asgi import BackendUnavailable, HoldExpired, KeyedLock, LockBusy, LockTimeout
 from keyedlock_asgi._responses import rejection_for
 from keyedlock_asgi.backends import _redis_scripts
 from keyedlock_asgi.backends.redis import LeaseLost, RedisBackend
 from tests.support.engine_redis import REDIS_URL, require_redis
 from tests.support.server import free_port
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.anyio
 
@@ -64,13 +65,6 @@ async def make_backend(namespace: str) -> AsyncIterator[Callable[..., RedisBacke
     yield factory
     for backend in made:
         await backend.aclose()
-
-
-async def wait_for(condition: Callable[[], Any], what: str) -> None:
-    """Readiness probe: poll until `condition()` (an awaitable result) is true."""
-    with anyio.fail_after(10, shield=False):
-        while not await condition():  # noqa: ASYNC110 - the state lives in Redis
-            await anyio.sleep(0.005)
 
 
 async def queue_length(raw: Any, backend: RedisBackend, key: str) -> int:
@@ -127,13 +121,13 @@ async def test_fifo_and_fencing_across_processes(
         await tg.start(user, a, "a")
         # Arrival order: b1, c1 (both queue in Redis), then b2, c2 (queue in their process).
         tg.start_soon(user, b, "b1", anyio.TASK_STATUS_IGNORED)
-        await wait_for(lambda: _eq(queue_length(raw, backend_b, "k"), 1), "b1 queued")
+        await wait_until(lambda: _eq(queue_length(raw, backend_b, "k"), 1), "b1 queued")
         tg.start_soon(user, c, "c1", anyio.TASK_STATUS_IGNORED)
-        await wait_for(lambda: _eq(queue_length(raw, backend_b, "k"), 2), "c1 queued")
+        await wait_until(lambda: _eq(queue_length(raw, backend_b, "k"), 2), "c1 queued")
         tg.start_soon(user, b, "b2", anyio.TASK_STATUS_IGNORED)
-        await wait_for(lambda: _true(b.waiting("k") == 1), "b2 queued")
+        await wait_until(lambda: b.waiting("k") == 1, "b2 queued")
         tg.start_soon(user, c, "c2", anyio.TASK_STATUS_IGNORED)
-        await wait_for(lambda: _true(c.waiting("k") == 1), "c2 queued")
+        await wait_until(lambda: c.waiting("k") == 1, "c2 queued")
         release.set()
 
     order = [name for event, name in log if event == "enter"]
@@ -148,10 +142,6 @@ async def test_fifo_and_fencing_across_processes(
 
 async def _eq(value: Any, expected: int) -> bool:
     return bool(await value == expected)
-
-
-async def _true(value: bool) -> bool:
-    return value
 
 
 async def test_max_concurrency_across_processes(
@@ -203,7 +193,7 @@ async def test_timeout_busy_and_cancel_leave_nothing_in_redis(
                     pytest.fail("granted while held elsewhere")
 
             tg.start_soon(cancelled_waiter)
-            await wait_for(lambda: _eq(queue_length(raw, other_backend, "k"), 1), "queued")
+            await wait_until(lambda: _eq(queue_length(raw, other_backend, "k"), 1), "queued")
             tg.cancel_scope.cancel()
         assert await queue_length(raw, other_backend, "k") == 0
         assert other.stats().active_keys == 0
@@ -304,6 +294,39 @@ async def test_max_hold_ends_the_lease_and_reports_it(
     assert lost[0].reason == "max_hold"
     assert lost[0].token == log[0][1]
     assert lost[0].held_for >= 1.49  # reported when the lease ran out at max_hold, not before
+    assert await leftovers(raw, namespace) == []
+
+
+async def test_a_lost_lease_revokes_a_bounded_hold(
+    make_backend: Callable[..., RedisBackend], raw: Any, namespace: str
+) -> None:
+    """With `max_hold` on the hold, a lease lost first (here: renewal capped by the engine's
+    own max_hold) revokes it the same way: the block is cancelled and leaving raises
+    HoldExpired naming the cause. The engine hands the key on when the lease ends, which can be
+    before the old block has unwound: the larger fencing token is what refuses a late write."""
+    holder = KeyedLock(backend=make_backend(lease=1.0, max_hold=1.5), max_hold=60)
+    waiter = KeyedLock(backend=make_backend(lease=5))
+    log: list[tuple[str, int]] = []
+
+    async def wait_in_line() -> None:
+        async with waiter.hold("k") as held:
+            log.append(("waiter-enter", held.token))
+
+    async def hold_until_revoked(tg: anyio.abc.TaskGroup) -> None:
+        async with holder.hold("k") as held:
+            log.append(("holder-enter", held.token))
+            tg.start_soon(wait_in_line)
+            try:
+                await anyio.sleep_forever()
+            finally:
+                log.append(("holder-unwound", held.token))
+
+    async with anyio.create_task_group() as tg:
+        with pytest.raises(HoldExpired, match="lease"):
+            await hold_until_revoked(tg)
+    assert log[0][0] == "holder-enter"
+    assert {event for event, _ in log[1:]} == {"holder-unwound", "waiter-enter"}
+    assert dict(log)["waiter-enter"] > dict(log)["holder-enter"]
     assert await leftovers(raw, namespace) == []
 
 
@@ -453,7 +476,7 @@ async def test_hand_off_needs_no_second_acquire_and_the_claim_is_renewed(
             got.append(await wait)
 
         tg.start_soon(take)
-        await wait_for(lambda: _eq(queue_length(raw, waiter, "k"), 1), "queued")
+        await wait_until(lambda: _eq(queue_length(raw, waiter, "k"), 1), "queued")
         (token,) = await queued_tokens(raw, waiter, "k")
         await first.release()
         granted = await holders(raw, waiter, "k")  # set by the holder's RELEASE itself
@@ -466,7 +489,9 @@ async def test_hand_off_needs_no_second_acquire_and_the_claim_is_renewed(
     acquires = [(tok, result[0]) for name, tok, result in scripts if name == "acquire"]
     assert acquires == [(token, 0)]  # that one call queued; the grant came by message
     # The claim is renewed to a full lease well before it ends.
-    await wait_for(lambda: _renewed(raw, waiter, token, 10_000 - waiter._claim_ms), "claim renewed")
+    await wait_until(
+        lambda: _renewed(raw, waiter, token, 10_000 - waiter._claim_ms), "claim renewed"
+    )
     assert {name for name, _, _ in scripts[1:]} == {"extend"}
     assert not lease.lost
     await lease.release()
@@ -506,7 +531,7 @@ async def test_lost_hand_off_message_is_found_by_the_fallback(
             events.append(("granted", str(got[0].token)))
 
         tg.start_soon(take)
-        await wait_for(lambda: _eq(queue_length(raw, waiter, "k"), 1), "queued")
+        await wait_until(lambda: _eq(queue_length(raw, waiter, "k"), 1), "queued")
         (token,) = await queued_tokens(raw, waiter, "k")
         await first.release()
     (lease,) = got
@@ -560,10 +585,10 @@ async def test_hand_off_to_a_waiter_cancelled_at_that_moment_is_passed_on(
 
         tokens: list[int] = []
         tg.start_soon(cancelled)
-        await wait_for(lambda: _eq(queue_length(raw, middle, "k"), 1), "middle queued")
+        await wait_until(lambda: _eq(queue_length(raw, middle, "k"), 1), "middle queued")
         (middle_token,) = await queued_tokens(raw, middle, "k")
         tg.start_soon(next_in_line)
-        await wait_for(lambda: _eq(queue_length(raw, middle, "k"), 2), "last queued")
+        await wait_until(lambda: _eq(queue_length(raw, middle, "k"), 2), "last queued")
         await first.release()
     # (The last waiter's message may be read before the middle's RELEASE reply.)
     assert events[0] == "grant arrives; cancelled"
@@ -610,10 +635,10 @@ async def test_hand_off_racing_a_waiter_timeout_is_passed_on(
 
         monkeypatch.setattr(middle, "_run", hand_off_first)
         tg.start_soon(times_out)
-        await wait_for(lambda: _eq(queue_length(raw, middle, "k"), 1), "middle queued")
+        await wait_until(lambda: _eq(queue_length(raw, middle, "k"), 1), "middle queued")
         (middle_token,) = await queued_tokens(raw, middle, "k")
         tg.start_soon(next_in_line)
-        await wait_for(lambda: _eq(queue_length(raw, middle, "k"), 2), "last queued")
+        await wait_until(lambda: _eq(queue_length(raw, middle, "k"), 2), "last queued")
     assert events[0] == f"handed to middle: {[middle_token]}"
     # (The last waiter's message may be read before the middle's RELEASE reply.)
     assert sorted(events[1:]) == ["last entered", "middle gave up: 1", "middle timed out"]
@@ -654,7 +679,7 @@ async def test_hand_off_to_a_dead_waiter_ends_with_its_claim(
             got.append((lease, await server_ms(raw)))
 
         tg.start_soon(next_in_line)
-        await wait_for(lambda: _eq(queue_length(raw, holder, "k"), 2), "survivor queued")
+        await wait_until(lambda: _eq(queue_length(raw, holder, "k"), 2), "survivor queued")
         await first.release()
         claimed = await holders(raw, holder, "k")
         released_by = await server_ms(raw)
@@ -693,25 +718,25 @@ async def test_a_late_hand_off_message_for_an_ended_claim_is_ignored(
             got[name] = await backend.acquire("k", timeout=None, max_concurrency=1)
 
         tg.start_soon(take, "b", b_side)
-        await wait_for(lambda: _eq(queue_length(raw, b_side, "k"), 1), "B queued")
+        await wait_until(lambda: _eq(queue_length(raw, b_side, "k"), 1), "B queued")
         (b_token,) = await queued_tokens(raw, b_side, "k")
         tg.start_soon(take, "c", c_side)
-        await wait_for(lambda: _eq(queue_length(raw, b_side, "k"), 2), "C queued")
+        await wait_until(lambda: _eq(queue_length(raw, b_side, "k"), 2), "C queued")
         await first.release()  # hands B a claim; its message is held back
-        await wait_for(lambda: _true(bool(held_back)), "B's grant message sent")
+        await wait_until(lambda: bool(held_back), "B's grant message sent")
         # B's claim ends (as if B stalled past it): then B asks again, which prunes it and
         # hands the key to C.
         own = b_side.redis_keys("k")[0]
         await raw.zadd(own, {b_token: await server_ms(raw) - 1})
         asked = len(b_scripts)
         b_conn.wake_all()
-        await wait_for(lambda: _true("c" in got), "C handed the key")
-        await wait_for(lambda: _true(len(b_scripts) > asked), "B asked again")
+        await wait_until(lambda: "c" in got, "C handed the key")
+        await wait_until(lambda: len(b_scripts) > asked, "B asked again")
         # Now the late message for B's ended claim arrives.
         asked = len(b_scripts)
         monkeypatch.setattr(b_conn, "wake", deliver)
         deliver(held_back[0])
-        await wait_for(lambda: _true(len(b_scripts) > asked), "B asked again after it")
+        await wait_until(lambda: len(b_scripts) > asked, "B asked again after it")
         assert "b" not in got  # C holds the key: B still waits
         (only_holder,) = await holders(raw, b_side, "k")
         assert only_holder != b_token

@@ -24,8 +24,9 @@ import pytest
 
 from tests.support.engine_redis import REDIS_URL, ping, require_redis
 from tests.support.server import free_port, uvicorn_server, uvicorn_servers
+from tests.support.waiting import wait_until
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.multiprocess]
 APP = "tests.apps.redis_checkout:app"
 
 
@@ -136,9 +137,15 @@ async def test_killed_holder_frees_the_key_within_its_lease(namespace: str, raw:
                 result["status"] = response.status_code
 
             tg.start_soon(hold)
-            pid = await poll(lambda: raw.get(f"{namespace}:holder:victim"))
+            pid = await wait_until(
+                lambda: raw.get(f"{namespace}:holder:victim"),
+                "the victim holds the key",
+                limit=30.0,
+            )
             tg.start_soon(wait_then_checkout)
-            await poll(lambda: raw.zcard(queue_key))  # the other process waits in Redis
+            await wait_until(
+                lambda: raw.zcard(queue_key), "the other process queued", limit=30.0
+            )  # the other process waits in Redis
             seconds, micros = await raw.time()
             killed_at = seconds + micros / 1e6
             os.kill(int(pid), signal.SIGKILL)
@@ -151,14 +158,6 @@ async def test_killed_holder_frees_the_key_within_its_lease(namespace: str, raw:
     assert successor["token"] > victim["token"]
     gap = successor["t"] - killed_at
     assert 0 < gap <= lease + 1.0, f"the key came free {gap:.3f} s after the kill"
-
-
-async def poll(read: Any) -> Any:
-    """Readiness probe: wait until `read()` gives something truthy (bounded)."""
-    with anyio.fail_after(30):
-        while not (value := await read()):  # noqa: ASYNC110 - the state lives in Redis
-            await anyio.sleep(0.01)
-    return value
 
 
 class OwnRedis:

@@ -24,6 +24,7 @@ from keyedlock_asgi.backends import _redis_scripts
 from keyedlock_asgi.backends.redis import RedisBackend, RedisLease
 from tests.support.engine_redis import RedisTarget, redis_cluster, redis_target
 from tests.support.lockwatch import Timeline
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.anyio
 __all__ = ["redis_cluster"]  # the session fixture, imported so that its teardown stops it
@@ -72,13 +73,6 @@ async def make_backend(
         await backend.aclose()
 
 
-async def wait_for(condition: Callable[[], Any]) -> None:
-    """Readiness probe on Redis state: poll until `condition()` (awaitable) is true."""
-    with anyio.fail_after(10):
-        while not await condition():  # noqa: ASYNC110 - the state lives in Redis
-            await anyio.sleep(0.005)
-
-
 async def leftovers(target: RedisTarget, namespace: str) -> list[str]:
     """The namespace's keys other than the counters hash: none once the key is idle."""
     return [k for k in await target.scan(f"{{{namespace}:*") if not k.endswith(":m")]
@@ -124,7 +118,7 @@ class Room:
         scope = anyio.CancelScope()
         tg.start_soon(self._run, backend, who, timeout, scope)
         # (or already gone: a short timeout may end before this poll sees it queued)
-        await wait_for(lambda: self._known(conn.proc_id, who))
+        await wait_until(lambda: self._known(conn.proc_id, who), "self._known(conn.proc_id, who)")
         return scope
 
     async def _run(
@@ -436,9 +430,9 @@ async def test_keyedlock_shared_holds_across_processes(
                 for name in ("Ra1", "Rb", "Ra2"):
                     await inside[name].wait()  # all three inside: none has left
             tg.start_soon(writer)
-            await wait_for(lambda: _queued(raw, keys, 1))
+            await wait_until(lambda: _queued(raw, keys, 1), "_queued(raw, keys, 1)")
             tg.start_soon(reader, b, "Rlate")
-            await wait_for(lambda: _queued(raw, keys, 2))
+            await wait_until(lambda: _queued(raw, keys, 2), "_queued(raw, keys, 2)")
             assert not inside["W"].is_set()
             leave.set()
     finally:

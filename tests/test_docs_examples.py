@@ -148,3 +148,23 @@ async def test_the_observer_example_counts_outcomes() -> None:
         ("busy", "exclusive"): 1,
         ("acquired", "shared"): 1,
     }
+
+
+async def test_max_hold_revokes_a_stuck_holder() -> None:
+    assert await semantics.bounded_hold() == ["stuck in", "stuck revoked", "next in"]
+
+
+def test_the_shutdown_example_drains_on_lifespan_exit() -> None:
+    import importlib
+
+    from starlette.testclient import TestClient
+
+    example = importlib.import_module("docs.examples.shutdown")
+    with TestClient(example.app) as client:
+        answer = client.post("/checkout", headers={"X-User-Id": "u1"})
+        assert answer.json() == {"charged": "u1"}
+    assert example.lock.closed  # the lifespan shutdown drained it
+    with TestClient(example.app) as client:
+        late = client.post("/checkout", headers={"X-User-Id": "u1"})
+    assert late.status_code == 503
+    assert late.headers["retry-after"] == "1"

@@ -15,7 +15,7 @@ from keyedlock_asgi import (
     LockTimeout,
     QueueFull,
 )
-from tests.support.lockwatch import until
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.anyio
 
@@ -69,7 +69,7 @@ async def test_a_queued_caller_is_reported_queued_then_granted(make_lock: MakeLo
         tg.start_soon(holder)
         await inside.wait()
         tg.start_soon(second)
-        await until(lambda: lock.waiting("k") == 1)
+        await wait_until(lambda: lock.waiting("k") == 1, 'lock.waiting("k") == 1')
         leave.set()
     kinds = seen(events)
     assert kinds[0] == ("granted", "acquired", False)
@@ -115,11 +115,11 @@ async def test_rejections_carry_their_cause(make_lock: MakeLock) -> None:
         await attempt("busy", timeout=0)
         await attempt("timeout", timeout=0.05)
         tg.start_soon(attempt, "aborted")
-        await until(lambda: lock.waiting("k") == 1)
+        await wait_until(lambda: lock.waiting("k") == 1, 'lock.waiting("k") == 1')
         tg.start_soon(cancelled)
-        await until(lambda: lock.waiting("k") == 2)
+        await wait_until(lambda: lock.waiting("k") == 2, 'lock.waiting("k") == 2')
         scope.cancel()
-        await until(lambda: lock.waiting("k") == 1)
+        await wait_until(lambda: lock.waiting("k") == 1, 'lock.waiting("k") == 1')
         await attempt("full", max_waiting=1)
         leave.set()
     assert isinstance(results["busy"], LockBusy)

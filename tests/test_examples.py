@@ -187,19 +187,20 @@ async def post_all(app: object, requests: list[tuple[str, dict[str, str]]]) -> l
 
 
 @pytest.mark.anyio
-async def test_webhooks_duplicate_in_flight_gets_409_then_already_processed() -> None:
+async def test_webhooks_retry_in_flight_gets_409_then_the_stored_response() -> None:
     import anyio
     import httpx
 
     webhooks = load("webhooks")
-    started, finish, handled = anyio.Event(), anyio.Event(), []
+    started, finish, seen = anyio.Event(), anyio.Event(), []
 
     async def slow(event: dict[str, object]) -> None:
-        handled.append(event)
-        started.set()
-        await finish.wait()
+        seen.append(event)
+        if len(seen) == 1:
+            started.set()
+            await finish.wait()
 
-    app, processed = webhooks.webhook_app(slow)
+    app, handled = webhooks.webhook_app(slow)
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
         first: list[httpx.Response] = []
@@ -210,20 +211,33 @@ async def test_webhooks_duplicate_in_flight_gets_409_then_already_processed() ->
         async with anyio.create_task_group() as tg:
             tg.start_soon(deliver_first)
             await started.wait()  # evt_1 is being processed, its key held
-            duplicate = await client.post("/webhooks", headers={"Webhook-Id": "evt_1"}, json={})
+            with anyio.fail_after(10):
+                duplicate = await client.post("/webhooks", headers={"Webhook-Id": "evt_1"}, json={})
             assert duplicate.status_code == 409
             assert int(duplicate.headers["retry-after"]) >= 1
             assert "evt_1" not in duplicate.text  # the key is never echoed
             finish.set()
-        assert first[0].json() == {"status": "processed"}
+        assert first[0].json() == {"status": "processed", "handled": 1}
         again = await client.post("/webhooks", headers={"Webhook-Id": "evt_1"}, json={})
-        assert again.json() == {"status": "already processed"}
+        assert again.headers["idempotent-replayed"] == "true"
+        assert again.content == first[0].content  # the stored response, byte for byte
         other = await client.post("/webhooks", headers={"Webhook-Id": "evt_2"}, json={})
-        assert other.json() == {"status": "processed"}
+        assert other.json() == {"status": "processed", "handled": 2}
         missing = await client.post("/webhooks", json={})
         assert missing.status_code == 400
-    assert len(handled) == 2  # evt_1 once, evt_2 once
-    assert processed == {"evt_1", "evt_2"}
+    assert len(seen) == 2  # evt_1 once, evt_2 once
+    assert len(handled) == 2
+
+
+def test_webhooks_runs_as_a_script() -> None:
+    result = run_script("webhooks")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    statuses = [re.search(r"\s(\d{3})\s", line) for line in lines[:3]]
+    assert [match.group(1) for match in statuses if match] == ["409", "200", "200"]
+    assert "retry-after=1" in lines[0]
+    assert "replayed=true" in lines[2]
+    assert lines[-1] == "handled 1 time(s)"
 
 
 @pytest.mark.anyio
@@ -259,16 +273,6 @@ async def test_inventory_demo_main() -> None:
     inventory = await load("inventory").main()
     assert inventory.stock == {1: 0, 2: 0}
     assert inventory.peak == {1: 1, 2: 1}
-
-
-def test_webhooks_script_runs() -> None:
-    result = run_script("webhooks")
-    assert result.returncode == 0, result.stderr
-    statuses = [re.search(r"\s(\d{3})\s", line) for line in result.stdout.splitlines()]
-    assert [
-        match.group(1) if match else line
-        for match, line in zip(statuses, result.stdout.splitlines(), strict=True)
-    ] == ["409", "200", "200"]
 
 
 # -- per route -----------------------------------------------------------------------------
@@ -351,6 +355,7 @@ async def test_multi_worker_redis_two_workers_in_process(redis_example: ModuleTy
         await redis.aclose()
 
 
+@pytest.mark.multiprocess
 def test_multi_worker_redis_under_uvicorn_with_four_workers(redis_example: ModuleType) -> None:
     import uuid
 

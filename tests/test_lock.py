@@ -25,7 +25,8 @@ from keyedlock_asgi import (
     LockTimeout,
     QueueFull,
 )
-from tests.support.lockwatch import Timeline, until
+from tests.support.lockwatch import Timeline
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.anyio
 
@@ -55,7 +56,7 @@ async def test_one_holder_per_key_in_arrival_order(make_lock: MakeLock) -> None:
         await entered.wait()
         for n in range(8):
             tg.start_soon(worker, n)
-            await until(lambda n=n: lock.waiting("k") == n + 1)
+            await wait_until(lambda n=n: lock.waiting("k") == n + 1, 'lock.waiting("k") == n + 1')
         leave.set()
     assert timeline.entries("k") == list(range(8))
     assert timeline.most["k"] == 1
@@ -94,7 +95,10 @@ async def test_max_concurrency_holders_at_once(make_lock: MakeLock) -> None:
     async with anyio.create_task_group() as tg:
         for n in range(7):
             tg.start_soon(worker, n)
-        await until(lambda: lock.waiting("k") == 4 and timeline.inside.get("k") == 3)
+        await wait_until(
+            lambda: lock.waiting("k") == 4 and timeline.inside.get("k") == 3,
+            "3 inside, 4 queued",
+        )
         assert lock.stats().holders == 3
         release.set()
     assert timeline.most["k"] == 3
@@ -122,9 +126,9 @@ async def test_release_and_ask_again_queues_behind_waiters(make_lock: MakeLock) 
         tg.start_soon(first)
         await entered.wait()
         tg.start_soon(other, "B")
-        await until(lambda: lock.waiting("k") == 1)
+        await wait_until(lambda: lock.waiting("k") == 1, 'lock.waiting("k") == 1')
         tg.start_soon(other, "C")
-        await until(lambda: lock.waiting("k") == 2)
+        await wait_until(lambda: lock.waiting("k") == 2, 'lock.waiting("k") == 2')
         leave.set()
     assert order == ["A", "B", "C", "A again"]
     assert lock.stats() == IDLE
@@ -146,7 +150,7 @@ async def test_release_from_another_task(make_lock: MakeLock) -> None:
 
     async with anyio.create_task_group() as tg:
         tg.start_soon(waiter)
-        await until(lambda: lock.waiting("k") == 1)
+        await wait_until(lambda: lock.waiting("k") == 1, 'lock.waiting("k") == 1')
         tg.start_soon(releaser)
     assert timeline.entries() == ["waiter"]
     assert lock.stats() == IDLE
@@ -173,9 +177,9 @@ async def test_cancelled_waiter_leaves_the_queue_and_never_holds(make_lock: Make
         tg.start_soon(hold_until, lock, "k", entered, leave)
         await entered.wait()
         tg.start_soon(waiter, "cancelled", doomed)
-        await until(lambda: lock.waiting("k") == 1)
+        await wait_until(lambda: lock.waiting("k") == 1, 'lock.waiting("k") == 1')
         tg.start_soon(waiter, "next", anyio.CancelScope())
-        await until(lambda: lock.waiting("k") == 2)
+        await wait_until(lambda: lock.waiting("k") == 2, 'lock.waiting("k") == 2')
         doomed.cancel()
         await gone.wait()
         assert lock.waiting("k") == 1  # it left as it ended; the key is still held
@@ -212,9 +216,9 @@ async def test_waiter_cancelled_at_hand_off_passes_the_key_on(
 
     async with anyio.create_task_group() as tg:
         tg.start_soon(waiter, "W1", doomed)
-        await until(lambda: lock.waiting("k") == 1)
+        await wait_until(lambda: lock.waiting("k") == 1, 'lock.waiting("k") == 1')
         tg.start_soon(waiter, "W2", anyio.CancelScope())
-        await until(lambda: lock.waiting("k") == 2)
+        await wait_until(lambda: lock.waiting("k") == 2, 'lock.waiting("k") == 2')
         # No checkpoint between these two steps: the waiter cannot run in between.
         if release_first:
             await holder.__aexit__(None, None, None)
@@ -249,7 +253,7 @@ async def test_cancelled_holder_releases(make_lock: MakeLock) -> None:
         tg.start_soon(holder)
         await entered.wait()
         tg.start_soon(waiter)
-        await until(lambda: lock.waiting("k") == 1)
+        await wait_until(lambda: lock.waiting("k") == 1, 'lock.waiting("k") == 1')
         scope.cancel()
     assert timeline.entries() == ["holder", "waiter"]
     assert lock.stats() == IDLE
@@ -315,7 +319,7 @@ async def test_max_waiting_rejects_at_once(make_lock: MakeLock) -> None:
         await entered.wait()
         tg.start_soon(worker, 1)
         tg.start_soon(worker, 2)
-        await until(lambda: lock.waiting("k") == 2)
+        await wait_until(lambda: lock.waiting("k") == 2, 'lock.waiting("k") == 2')
         with pytest.raises(QueueFull):
             async with lock.hold("k"):
                 pytest.fail("over max_waiting")
@@ -355,7 +359,7 @@ async def test_on_error_stop_aborts_the_queued_waiters_only(make_lock: MakeLock)
         await entered.wait()
         tg.start_soon(waiter, "queued-1")
         tg.start_soon(waiter, "queued-2")
-        await until(lambda: lock.waiting("k") == 2)
+        await wait_until(lambda: lock.waiting("k") == 2, 'lock.waiting("k") == 2')
         fail.set()
     assert outcomes["holder"] is boom
     for name in ("queued-1", "queued-2"):
@@ -390,7 +394,7 @@ async def test_on_error_continue_lets_the_queue_go_on(make_lock: MakeLock) -> No
         tg.start_soon(failing_holder)
         await entered.wait()
         tg.start_soon(waiter)
-        await until(lambda: lock.waiting("k") == 1)
+        await wait_until(lambda: lock.waiting("k") == 1, 'lock.waiting("k") == 1')
         fail.set()
     assert ran == ["holder failed", "waiter"]
 
@@ -415,7 +419,7 @@ async def test_cancellation_is_not_an_error_for_on_error_stop(make_lock: MakeLoc
         tg.start_soon(holder)
         await entered.wait()
         tg.start_soon(waiter)
-        await until(lambda: lock.waiting("k") == 1)
+        await wait_until(lambda: lock.waiting("k") == 1, 'lock.waiting("k") == 1')
         scope.cancel()
     assert ran == ["waiter"]
 
@@ -534,7 +538,7 @@ async def test_waited_is_measured(make_lock: MakeLock) -> None:
         tg.start_soon(hold_until, lock, "k", entered, leave)
         await entered.wait()
         tg.start_soon(waiter)
-        await until(lambda: lock.waiting("k") == 1)
+        await wait_until(lambda: lock.waiting("k") == 1, 'lock.waiting("k") == 1')
         leave.set()
     assert waited[0] > 0
 
@@ -552,7 +556,7 @@ async def test_locked_waiting_and_stats_describe_the_state(make_lock: MakeLock) 
                 assert held.keys == ("k",)  # without the prefix
 
         tg.start_soon(waiter)
-        await until(lambda: lock.waiting("k") == 1)
+        await wait_until(lambda: lock.waiting("k") == 1, 'lock.waiting("k") == 1')
         assert lock.locked("k")
         assert lock.stats() == LockStats(active_keys=1, holders=1, waiting=1)
         leave.set()
@@ -591,7 +595,7 @@ async def test_keys_lists_what_is_held_or_waited_on(make_lock: MakeLock) -> None
                 pass
 
         tg.start_soon(waiter)
-        await until(lambda: lock.waiting("a") == 1)
+        await wait_until(lambda: lock.waiting("a") == 1, "a waiter queued")
         async with lock.hold("b", shared=True):
             assert sorted(lock.keys()) == ["a", "b"]  # without the prefix
         leave.set()

@@ -13,7 +13,7 @@ import anyio.lowlevel
 import pytest
 
 from keyedlock_asgi import KeyedLock, LockAborted, LockStats, mutex
-from tests.support.lockwatch import until
+from tests.support.waiting import wait_until
 
 IDLE = LockStats(active_keys=0, holders=0, waiting=0)
 
@@ -57,7 +57,7 @@ async def test_contended_keys_are_forgotten_too() -> None:
         await entered.wait()
         for _ in range(5):
             tg.start_soon(waiter, "k")
-        await until(lambda: lock.waiting("k") == 5)
+        await wait_until(lambda: lock.waiting("k") == 5, 'lock.waiting("k") == 5')
         leave.set()
     assert lock.stats() == IDLE
     (state,) = lock._states.values()
@@ -85,7 +85,7 @@ def test_one_lock_serves_successive_event_loops() -> None:
             tg.start_soon(holder)
             await entered.wait()
             tg.start_soon(waiter)
-            await until(lambda: lock.waiting("k") == 1)
+            await wait_until(lambda: lock.waiting("k") == 1, 'lock.waiting("k") == 1')
             leave.set()
         assert lock.stats() == IDLE
 
@@ -206,9 +206,9 @@ def test_plain_asyncio_cancel_at_hand_off_passes_the_key_on(release_first: bool)
         holder = lock.hold("k")
         await holder.__aenter__()
         doomed = asyncio.create_task(waiter("W1"))
-        await until(lambda: lock.waiting("k") == 1)
+        await wait_until(lambda: lock.waiting("k") == 1, 'lock.waiting("k") == 1')
         second = asyncio.create_task(waiter("W2"))
-        await until(lambda: lock.waiting("k") == 2)
+        await wait_until(lambda: lock.waiting("k") == 2, 'lock.waiting("k") == 2')
         # No await between these two steps: W1 cannot run in between.
         if release_first:
             await holder.__aexit__(None, None, None)
@@ -216,7 +216,9 @@ def test_plain_asyncio_cancel_at_hand_off_passes_the_key_on(release_first: bool)
         else:
             doomed.cancel()
             await holder.__aexit__(None, None, None)
-        await until(lambda: doomed.done() and second.done())  # a stranded key never ends
+        await wait_until(
+            lambda: doomed.done() and second.done(), "both waiters done"
+        )  # a stranded key never ends
         assert doomed.cancelled()
         assert entered == ["W2"]
         assert lock.stats() == IDLE
@@ -294,10 +296,15 @@ def test_fifo_hand_off_and_cancellation_on_each_asyncio_loop(run: Callable[[Any]
         tasks = {}
         for index, name in enumerate(["W1", "W2", "W3", "W4"]):
             tasks[name] = asyncio.create_task(waiter(name))
-            await until(lambda count=index + 1: lock.waiting("k") == count)
+            await wait_until(
+                lambda count=index + 1: lock.waiting("k") == count, "the next waiter queued"
+            )
         tasks["W2"].cancel()
         await holder.__aexit__(None, None, None)
-        await until(lambda: all(task.done() for task in tasks.values()))
+        await wait_until(
+            lambda: all(task.done() for task in tasks.values()),
+            "every waiter done",
+        )
         assert tasks["W2"].cancelled()
         assert entered == ["W1", "W3", "W4"]
         assert lock.stats() == IDLE

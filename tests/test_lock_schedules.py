@@ -1,12 +1,19 @@
-"""Thousands of random schedules of acquire / cancel / timeout / raise / release.
+"""Thousands of random schedules of acquire / cancel / timeout / raise / release, in both
+modes (shared and exclusive) and under `max_hold`.
 
-Every step checks the invariants: never more than `max_concurrency` inside a key; with a mutex,
-callers that had to queue enter in the order they queued; nobody is left waiting (the run ends);
-and once all is over the lock keeps no state.
+Every step checks the invariants: an exclusive holder is never inside a key with anyone else;
+never more than `max_concurrency` exclusive holders inside a key; with a mutex, exclusive callers
+that had to queue enter in the order they queued; nobody is left waiting (the run ends); and once
+all is over the lock keeps no state.
+
+`KEYEDLOCK_SCHEDULES` sets how many schedules each event loop plays (default 5,000: 10,000 per
+run across asyncio and trio). CI plays the same ones every run (derandomized); a local run
+draws new ones.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import anyio
@@ -16,6 +23,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from keyedlock_asgi import (
+    HoldExpired,
     KeyedLock,
     LockAborted,
     LockBusy,
@@ -25,6 +33,7 @@ from keyedlock_asgi import (
 )
 
 KEYS = ("a", "b", "c")
+SCHEDULES = int(os.environ.get("KEYEDLOCK_SCHEDULES", "5000"))
 
 
 class Boom(Exception):
@@ -41,6 +50,8 @@ class Actor:
     hold_for: int  # checkpoints inside
     raises: bool
     on_error: str
+    shared: bool
+    max_hold: float | None  # a tiny bound: the hold is revoked mid-block
 
 
 actors = st.builds(
@@ -53,6 +64,8 @@ actors = st.builds(
     hold_for=st.integers(0, 4),
     raises=st.booleans(),
     on_error=st.sampled_from(["continue", "stop"]),
+    shared=st.booleans(),
+    max_hold=st.sampled_from([None, None, None, 0.0005]),
 )
 
 
@@ -64,6 +77,7 @@ async def checkpoints(n: int) -> None:
 async def play(plan: list[Actor], max_concurrency: int) -> None:
     lock = KeyedLock(max_concurrency=max_concurrency)
     inside = dict.fromkeys(KEYS, 0)
+    writers = dict.fromkeys(KEYS, 0)
     queued_at: dict[int, int] = {}  # actor -> ticket, for single-key actors that had to queue
     entered: dict[str, list[int]] = {key: [] for key in KEYS}
     tickets = iter(range(10**9))
@@ -71,7 +85,7 @@ async def play(plan: list[Actor], max_concurrency: int) -> None:
     async def run(n: int, actor: Actor, scope: anyio.CancelScope) -> None:
         await checkpoints(actor.start_after)
         with scope:
-            if len(set(actor.keys)) == 1 and lock.locked(actor.keys[0]):
+            if len(set(actor.keys)) == 1 and lock.locked(actor.keys[0]) and not actor.shared:
                 queued_at[n] = next(tickets)  # no checkpoint until the lock queues it
             try:
                 async with lock.hold(
@@ -79,10 +93,17 @@ async def play(plan: list[Actor], max_concurrency: int) -> None:
                     timeout=actor.timeout,
                     max_waiting=actor.max_waiting,
                     on_error=actor.on_error,  # type: ignore[arg-type]
+                    shared=actor.shared,
+                    max_hold=actor.max_hold,
                 ):
                     for key in set(actor.keys):
                         inside[key] += 1
-                        assert inside[key] <= max_concurrency, f"too many inside {key!r}"
+                        if not actor.shared:
+                            writers[key] += 1
+                            assert writers[key] <= max_concurrency, f"too many inside {key!r}"
+                        assert not writers[key] or writers[key] == inside[key], (
+                            f"a writer beside a reader in {key!r}"
+                        )
                         assert lock.locked(key)
                         entered[key].append(n)
                     try:
@@ -92,7 +113,9 @@ async def play(plan: list[Actor], max_concurrency: int) -> None:
                     finally:
                         for key in set(actor.keys):
                             inside[key] -= 1
-            except (Boom, LockAborted, LockBusy, LockTimeout, QueueFull):
+                            if not actor.shared:
+                                writers[key] -= 1
+            except (Boom, HoldExpired, LockAborted, LockBusy, LockTimeout, QueueFull):
                 pass
 
     async def cancel_later(scope: anyio.CancelScope, after: int, start_after: int) -> None:
@@ -117,7 +140,8 @@ async def play(plan: list[Actor], max_concurrency: int) -> None:
 
 @pytest.mark.parametrize("backend", ["asyncio", "trio"])
 @settings(
-    max_examples=600,
+    max_examples=SCHEDULES,
+    derandomize=os.environ.get("CI") == "true",
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
 )

@@ -15,7 +15,8 @@ import anyio.lowlevel
 import pytest
 
 from keyedlock_asgi import KeyedLock, LockReentryError, LockStats, LockTimeout
-from tests.support.lockwatch import Timeline, until
+from tests.support.lockwatch import Timeline
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.anyio
 
@@ -50,7 +51,10 @@ class Crowd:
         """Start a member and return once it is inside or queued (arrival order is fixed)."""
         waiting = self.lock.waiting(self.key)
         tg.start_soon(self.member, name, shared)
-        await until(lambda: name in self.inside or self.lock.waiting(self.key) == waiting + 1)
+        await wait_until(
+            lambda: name in self.inside or self.lock.waiting(self.key) == waiting + 1,
+            "name in self.inside or self.lock.waiting(self.key) == waiting + 1",
+        )
 
     def assert_writers_alone(self) -> None:
         """No exclusive holder was ever inside together with anyone else."""
@@ -66,14 +70,16 @@ async def test_readers_overlap_and_writers_are_alone(make_lock: MakeLock) -> Non
     async with anyio.create_task_group() as tg:
         for name in ("r1", "r2", "r3"):
             await crowd.arrive(tg, name, shared=True)
-        await until(lambda: crowd.inside == {"r1", "r2", "r3"})  # all three at once
+        await wait_until(
+            lambda: crowd.inside == {"r1", "r2", "r3"}, "r1, r2, r3 inside"
+        )  # all three at once
         assert lock.locked("doc")
         assert lock.stats() == LockStats(active_keys=1, holders=3, waiting=0)
         await crowd.arrive(tg, "w", shared=False)
         assert lock.waiting("doc") == 1  # the writer waits for every reader
         for name in ("r1", "r2", "r3"):
             crowd.leave[name].set()
-        await until(lambda: crowd.inside == {"w"})
+        await wait_until(lambda: crowd.inside == {"w"}, 'crowd.inside == {"w"}')
         crowd.leave["w"].set()
     crowd.assert_writers_alone()
     assert crowd.timeline.entries()[-1] == "w"
@@ -85,15 +91,15 @@ async def test_a_reader_behind_a_waiting_writer_waits_its_turn(make_lock: MakeLo
     crowd = Crowd(lock)
     async with anyio.create_task_group() as tg:
         await crowd.arrive(tg, "r1", shared=True)
-        await until(lambda: "r1" in crowd.inside)
+        await wait_until(lambda: "r1" in crowd.inside, '"r1" in crowd.inside')
         await crowd.arrive(tg, "w", shared=False)  # queues behind the reader
         await crowd.arrive(tg, "r2", shared=True)  # would fit beside r1, but w came first
         assert crowd.inside == {"r1"}
         assert lock.waiting("doc") == 2
         crowd.leave["r1"].set()
-        await until(lambda: crowd.inside == {"w"})
+        await wait_until(lambda: crowd.inside == {"w"}, 'crowd.inside == {"w"}')
         crowd.leave["w"].set()
-        await until(lambda: crowd.inside == {"r2"})
+        await wait_until(lambda: crowd.inside == {"r2"}, 'crowd.inside == {"r2"}')
         crowd.leave["r2"].set()
     assert crowd.timeline.entries() == ["r1", "w", "r2"]  # arrival order across modes
     crowd.assert_writers_alone()
@@ -105,18 +111,20 @@ async def test_a_run_of_readers_at_the_head_is_granted_together(make_lock: MakeL
     crowd = Crowd(lock)
     async with anyio.create_task_group() as tg:
         await crowd.arrive(tg, "w1", shared=False)
-        await until(lambda: "w1" in crowd.inside)
+        await wait_until(lambda: "w1" in crowd.inside, '"w1" in crowd.inside')
         for name, shared in [("r1", True), ("r2", True), ("r3", True), ("w2", False)]:
             await crowd.arrive(tg, name, shared)
         await crowd.arrive(tg, "r4", shared=True)
         crowd.leave["w1"].set()
-        await until(lambda: crowd.inside == {"r1", "r2", "r3"})  # the run, together
+        await wait_until(
+            lambda: crowd.inside == {"r1", "r2", "r3"}, "r1, r2, r3 inside"
+        )  # the run, together
         assert lock.waiting("doc") == 2  # w2, then r4 behind it
         for name in ("r1", "r2", "r3"):
             crowd.leave[name].set()
-        await until(lambda: crowd.inside == {"w2"})
+        await wait_until(lambda: crowd.inside == {"w2"}, 'crowd.inside == {"w2"}')
         crowd.leave["w2"].set()
-        await until(lambda: crowd.inside == {"r4"})
+        await wait_until(lambda: crowd.inside == {"r4"}, 'crowd.inside == {"r4"}')
         crowd.leave["r4"].set()
     entries = crowd.timeline.entries()  # a run wakes together (trio picks the order in it)
     assert entries[0] == "w1"
@@ -131,7 +139,7 @@ async def test_a_reader_cancelled_in_the_middle_of_a_run(make_lock: MakeLock) ->
     crowd = Crowd(lock)
     async with anyio.create_task_group() as tg:
         await crowd.arrive(tg, "w", shared=False)
-        await until(lambda: "w" in crowd.inside)
+        await wait_until(lambda: "w" in crowd.inside, '"w" in crowd.inside')
         await crowd.arrive(tg, "r1", shared=True)
         scope = anyio.CancelScope()
         waiting = lock.waiting("doc")
@@ -143,13 +151,13 @@ async def test_a_reader_cancelled_in_the_middle_of_a_run(make_lock: MakeLock) ->
             cancelled.set()
 
         tg.start_soon(doomed)
-        await until(lambda: lock.waiting("doc") == waiting + 1)
+        await wait_until(lambda: lock.waiting("doc") == waiting + 1, "doomed queued")
         await crowd.arrive(tg, "r3", shared=True)
         scope.cancel()
         await cancelled.wait()
         assert lock.waiting("doc") == 2  # r2 left the queue at once
         crowd.leave["w"].set()
-        await until(lambda: crowd.inside == {"r1", "r3"})
+        await wait_until(lambda: crowd.inside == {"r1", "r3"}, 'crowd.inside == {"r1", "r3"}')
         crowd.leave["r1"].set()
         crowd.leave["r3"].set()
     entries = crowd.timeline.entries()
@@ -170,14 +178,14 @@ async def test_a_writer_timing_out_lets_the_readers_behind_it_in(make_lock: Make
 
     async with anyio.create_task_group() as tg:
         await crowd.arrive(tg, "r1", shared=True)
-        await until(lambda: "r1" in crowd.inside)
+        await wait_until(lambda: "r1" in crowd.inside, '"r1" in crowd.inside')
         tg.start_soon(impatient_writer)
-        await until(lambda: lock.waiting("doc") == 1)
+        await wait_until(lambda: lock.waiting("doc") == 1, 'lock.waiting("doc") == 1')
         await crowd.arrive(tg, "r2", shared=True)  # behind the writer
         assert crowd.inside == {"r1"}
         await timed_out.wait()
         # The writer left the queue: r2 now fits beside r1, which is still inside.
-        await until(lambda: crowd.inside == {"r1", "r2"})
+        await wait_until(lambda: crowd.inside == {"r1", "r2"}, 'crowd.inside == {"r1", "r2"}')
         crowd.leave["r1"].set()
         crowd.leave["r2"].set()
     assert crowd.timeline.entries() == ["r1", "r2"]
@@ -219,17 +227,19 @@ async def test_exclusive_holders_up_to_max_concurrency_never_with_readers(
     async with anyio.create_task_group() as tg:
         await crowd.arrive(tg, "w1", shared=False)
         await crowd.arrive(tg, "w2", shared=False)
-        await until(lambda: crowd.inside == {"w1", "w2"})  # two writers together
+        await wait_until(
+            lambda: crowd.inside == {"w1", "w2"}, "w1, w2 inside"
+        )  # two writers together
         await crowd.arrive(tg, "r1", shared=True)
         await crowd.arrive(tg, "w3", shared=False)  # behind the reader: no barging
         assert lock.waiting("doc") == 2
         crowd.leave["w1"].set()
-        await until(lambda: crowd.inside == {"w2"})
+        await wait_until(lambda: crowd.inside == {"w2"}, 'crowd.inside == {"w2"}')
         assert lock.waiting("doc") == 2  # r1 needs every writer gone; w3 stays behind it
         crowd.leave["w2"].set()
-        await until(lambda: crowd.inside == {"r1"})
+        await wait_until(lambda: crowd.inside == {"r1"}, 'crowd.inside == {"r1"}')
         crowd.leave["r1"].set()
-        await until(lambda: crowd.inside == {"w3"})
+        await wait_until(lambda: crowd.inside == {"w3"}, 'crowd.inside == {"w3"}')
         crowd.leave["w3"].set()
     assert crowd.timeline.entries() == ["w1", "w2", "r1", "w3"]
     for writer in ("w1", "w2", "w3"):

@@ -17,7 +17,8 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response, Strea
 from starlette.routing import Route
 
 from keyedlock_asgi import Held, KeyedLock, KeyedLockMiddleware, Rejection, keys
-from tests.support.middleware import Gated, RawRequest, client, wait_until
+from tests.support.middleware import Gated, RawRequest, client
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.anyio
 

@@ -8,7 +8,7 @@ import anyio
 import pytest
 
 from keyedlock_asgi import KeyedLock, KeyedLockMiddleware, LockReentryError, keys
-from tests.support.lockwatch import until
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.anyio
 
@@ -67,7 +67,7 @@ async def test_cancelled_from_outside_right_after_the_grant_releases_the_key() -
         tg.start_soon(middleware, http_scope("/first"), never_receives, send)
         await first_in.wait()
         tg.start_soon(second)
-        await until(lambda: lock.waiting("A") == 1)
+        await wait_until(lambda: lock.waiting("A") == 1, 'lock.waiting("A") == 1')
         release_first.set()
     assert outer.cancel_called
     assert calls == ["/first"]

@@ -15,7 +15,8 @@ from starlette.requests import HTTPConnection, Request
 from starlette.routing import Mount, Route
 
 from keyedlock_asgi import KeyedLock, KeyedLockMiddleware, keys
-from tests.support.middleware import Gated, client, wait_until
+from tests.support.middleware import Gated, client
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.anyio
 

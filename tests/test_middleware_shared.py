@@ -6,7 +6,8 @@ import anyio
 import pytest
 
 from keyedlock_asgi import KeyedLock, KeyedLockMiddleware, keys
-from tests.support.lockwatch import Timeline, until
+from tests.support.lockwatch import Timeline
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.anyio
 
@@ -50,16 +51,16 @@ async def test_reads_share_the_key_and_a_write_waits_for_them() -> None:
     async with anyio.create_task_group() as tg:
         tg.start_soon(request, "GET", "r1")
         tg.start_soon(request, "HEAD", "r2")
-        await until(lambda: inside == {"r1", "r2"})  # two reads at once
+        await wait_until(lambda: inside == {"r1", "r2"}, "r1, r2 inside")  # two reads at once
         tg.start_soon(request, "POST", "w")
-        await until(lambda: lock.waiting("1") == 1)
+        await wait_until(lambda: lock.waiting("1") == 1, 'lock.waiting("1") == 1')
         tg.start_soon(request, "GET", "r3")  # behind the write
-        await until(lambda: lock.waiting("1") == 2)
+        await wait_until(lambda: lock.waiting("1") == 2, 'lock.waiting("1") == 2')
         release["r1"].set()
         release["r2"].set()
-        await until(lambda: inside == {"w"})
+        await wait_until(lambda: inside == {"w"}, 'inside == {"w"}')
         release["w"].set()
-        await until(lambda: inside == {"r3"})
+        await wait_until(lambda: inside == {"r3"}, 'inside == {"r3"}')
         release["r3"].set()
     entries = timeline.entries()
     assert sorted(entries[:2]) == ["r1", "r2"]

@@ -14,11 +14,18 @@ from opentelemetry import trace
 from starlette.applications import Starlette
 from starlette.routing import Route
 
-from keyedlock_asgi import BackendUnavailable, KeyedLock, KeyedLockMiddleware, keys
+from keyedlock_asgi import (
+    BackendUnavailable,
+    HoldExpired,
+    KeyedLock,
+    KeyedLockMiddleware,
+    LockClosed,
+    keys,
+)
 from keyedlock_asgi.otel import INSTRUMENTS, LockMetrics
-from tests.support.lockwatch import until
-from tests.support.middleware import Gated, client, wait_until
+from tests.support.middleware import Gated, client
 from tests.support.otel import Telemetry
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.anyio
 
@@ -63,11 +70,11 @@ async def drive_every_result(lock: KeyedLock, key: str) -> None:
         await attempt(timeout=0)  # busy
         await attempt(timeout=0.05)  # timeout: the holder waits on `leave`, set below
         tg.start_soon(attempt)  # aborted by the failing holder
-        await until(lambda: lock.waiting(key) == 1)
+        await wait_until(lambda: lock.waiting(key) == 1, "lock.waiting(key) == 1")
         tg.start_soon(cancelled)
-        await until(lambda: lock.waiting(key) == 2)
+        await wait_until(lambda: lock.waiting(key) == 2, "lock.waiting(key) == 2")
         scope.cancel()
-        await until(lambda: lock.waiting(key) == 1)
+        await wait_until(lambda: lock.waiting(key) == 1, "lock.waiting(key) == 1")
         await attempt(max_waiting=1)  # queue_full
         leave.set()
     inside2, leave2 = anyio.Event(), anyio.Event()
@@ -81,7 +88,7 @@ async def drive_every_result(lock: KeyedLock, key: str) -> None:
         tg.start_soon(holder2)
         await inside2.wait()
         tg.start_soon(attempt)
-        await until(lambda: lock.waiting(key) == 1)
+        await wait_until(lambda: lock.waiting(key) == 1, "lock.waiting(key) == 1")
         leave2.set()
 
 
@@ -91,7 +98,7 @@ async def test_counts_per_result_and_both_histograms(make_lock: MakeLock, engine
     await drive_every_result(lock, SECRET)
     total = telemetry.total
     common = {"keyedlock_lock_name": "orders", "keyedlock_mode": "exclusive"}
-    backend = "memory" if engine == "memory" else engine.split("-")[0]
+    backend = "memory" if engine == "memory" else "redis" if "redis" in engine else "postgres"
     assert total(REQUESTS, keyedlock_backend=backend, **common) == 9
     counts = {
         result: total(REQUESTS, keyedlock_result=result, **common)
@@ -109,8 +116,7 @@ async def test_counts_per_result_and_both_histograms(make_lock: MakeLock, engine
         assert total(WAIT, keyedlock_result=result) == 1
     for result in ("busy", "queue_full"):  # turned away at once: no wait
         assert total(WAIT, keyedlock_result=result) == 0
-    if engine == "memory":  # an engine's round trip is a wait too: every grant records one
-        assert total(WAIT, keyedlock_result="acquired") == 1
+    assert total(WAIT, keyedlock_result="acquired") == 1  # only the grant that queued
     assert total(HOLD, keyedlock_release="normal") == 3
     assert total(HOLD, keyedlock_release="error") == 1
     assert all(p.sum >= 0 and p.min >= 0 for p in telemetry.points(WAIT) + telemetry.points(HOLD))
@@ -134,7 +140,7 @@ async def test_up_down_counters_while_held_and_queued(make_lock: MakeLock) -> No
         await inside.wait()
         tg.start_soon(holder)
         tg.start_soon(holder)
-        await until(lambda: lock.waiting("a") == 2)
+        await wait_until(lambda: lock.waiting("a") == 2, "lock.waiting('a') == 2")
         assert telemetry.total(HOLDERS) == 1
         assert telemetry.total(WAITING) == 2
         leave.set()
@@ -175,7 +181,7 @@ async def test_a_wait_span_for_each_caller_that_queued(make_lock: MakeLock) -> N
         await inside.wait()
         await waiter(0.05)  # queues, then times out
         tg.start_soon(waiter, None)
-        await until(lambda: lock.waiting(SECRET) == 1)
+        await wait_until(lambda: lock.waiting(SECRET) == 1, "lock.waiting(SECRET) == 1")
         leave.set()
     spans = {span.name: [] for span in telemetry.spans()}
     for span in telemetry.spans():
@@ -213,9 +219,9 @@ async def test_several_keys_are_one_wait() -> None:
             tg.start_soon(holder, key)
             await inside[key].wait()
         tg.start_soon(both)
-        await until(lambda: lock.waiting("x") == 1)
+        await wait_until(lambda: lock.waiting("x") == 1, "lock.waiting('x') == 1")
         leave["x"].set()
-        await until(lambda: lock.waiting("y") == 1)  # queued again, on its second key
+        await wait_until(lambda: lock.waiting("y") == 1, "queued again, on its second key")
         assert telemetry.total(WAITING) == 1
         leave["y"].set()
     assert telemetry.idle()
@@ -351,4 +357,20 @@ async def test_backend_unavailable_is_counted() -> None:
         telemetry.total(REQUESTS, keyedlock_result="backend_unavailable", keyedlock_backend="redis")
         == 1
     )
+    assert telemetry.idle()
+
+
+async def test_closed_and_expired(make_lock: MakeLock) -> None:
+    """A hold asked of a drained lock is `closed`; one revoked by `max_hold` is `expired`."""
+    telemetry = Telemetry()
+    lock = telemetry.observe(make_lock(metrics=False))
+    with pytest.raises(HoldExpired):
+        async with lock.hold(SECRET, max_hold=0.05):
+            await anyio.sleep_forever()  # revoked after max_hold: the bound of this wait
+    await lock.drain()
+    with pytest.raises(LockClosed):
+        async with lock.hold(SECRET):
+            pass
+    assert telemetry.total(HOLD, keyedlock_release="expired") == 1
+    assert telemetry.total(REQUESTS, keyedlock_result="closed") == 1
     assert telemetry.idle()

@@ -32,8 +32,8 @@ from tests.support.route_guard import (
     client,
     expected,
     held_elsewhere,
-    wait_until,
 )
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.anyio
 
@@ -94,7 +94,10 @@ async def test_same_key_runs_one_at_a_time_other_keys_run_alongside(
         tg.start_soon(run, "A", "k")
         await gates.inside["A"].wait()
         tg.start_soon(run, "B", "k")
-        await wait_until(lambda: lock.waiting("k") == 1 or "B:enter" in gates.log)
+        await wait_until(
+            lambda: lock.waiting("k") == 1 or "B:enter" in gates.log,
+            "B queued or in",
+        )
         await run("C", "other")  # another key is not held up by A
         gates.go["A"].set()
     assert gates.log == ["A:enter", "C:enter", "C:exit", "A:exit", "B:enter", "B:exit"]
@@ -134,7 +137,10 @@ async def test_streamed_body_is_sent_before_the_key_is_released(
         tg.start_soon(run, "A")
         await streaming.wait()  # A's endpoint returned; its body is half sent
         tg.start_soon(run, "B")
-        await wait_until(lambda: lock.waiting("k") == 1 or "B:enter" in log)
+        await wait_until(
+            lambda: lock.waiting("k") == 1 or "B:enter" in log,
+            "B queued or in",
+        )
         finish.set()
     assert log == [
         "A:enter",
@@ -173,7 +179,10 @@ async def test_background_tasks_run_before_the_key_is_released(
         tg.start_soon(post, http, "A")
         await in_background.wait()
         tg.start_soon(post, http, "B")
-        await wait_until(lambda: lock.waiting("k") == 1 or "B:enter" in log)
+        await wait_until(
+            lambda: lock.waiting("k") == 1 or "B:enter" in log,
+            "B queued or in",
+        )
         finish.set()
     assert log == [
         "A:enter",
@@ -251,7 +260,7 @@ async def test_holder_failure_aborts_waiters_under_on_error_stop(
         tg.start_soon(run, "A")
         await gates.inside["A"].wait()
         tg.start_soon(run, "B")
-        await wait_until(lambda: lock.waiting("k") == 1)
+        await wait_until(lambda: lock.waiting("k") == 1, 'lock.waiting("k") == 1')
         gates.go["A"].set()
     assert results["A"].status_code == 500
     assert answer(results["B"]) == expected(LockAborted())
@@ -281,7 +290,7 @@ async def test_an_http_exception_is_an_answer_not_a_failure(anyio_backend: str, 
         tg.start_soon(run, "A")
         await gates.inside["A"].wait()
         tg.start_soon(run, "B")
-        await wait_until(lambda: lock.waiting("k") == 1)
+        await wait_until(lambda: lock.waiting("k") == 1, 'lock.waiting("k") == 1')
         gates.go["A"].set()
     assert results == {"A": 402, "B": 200}
     assert gates.log == ["A:enter", "A:exit", "B:enter", "B:exit"]
@@ -325,7 +334,7 @@ async def test_options_override_the_lock_for_that_route_only(anyio_backend: str,
         await gates.inside["A"].wait()
         await run(http_strict, "busy")  # the lock's timeout=0
         tg.start_soon(run, http_patient, "B")  # waits: this route's timeout=None
-        await wait_until(lambda: lock.waiting("k") == 1)
+        await wait_until(lambda: lock.waiting("k") == 1, 'lock.waiting("k") == 1')
         await run(http_patient, "full")  # this route allows one waiter
         gates.go["A"].set()
     assert results == {"A": 200, "busy": 409, "full": 429, "B": 200}

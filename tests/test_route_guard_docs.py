@@ -14,8 +14,8 @@ from tests.support.route_guard import (
     client,
     expected,
     held_elsewhere,
-    wait_until,
 )
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.anyio
 
@@ -32,9 +32,9 @@ async def test_starlette_decorator_serializes_one_order(anyio_backend: str) -> N
     try:
         async with client(example.app) as http, anyio.create_task_group() as tg:
             tg.start_soon(pay, 1)
-            await wait_until(lambda: example.entered == ["1 in"])
+            await wait_until(lambda: example.entered == ["1 in"], 'example.entered == ["1 in"]')
             tg.start_soon(pay, 1)
-            await wait_until(lambda: example.lock.waiting("1") == 1)
+            await wait_until(lambda: example.lock.waiting("1") == 1, "the second payment queued")
             example.gate.set()
     finally:
         example.gate = None

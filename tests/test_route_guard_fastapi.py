@@ -18,7 +18,8 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 
 from keyedlock_asgi import Held, KeyedLock, keys
-from tests.support.route_guard import assert_idle, client, wait_until
+from tests.support.route_guard import assert_idle, client
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.anyio
 
@@ -166,7 +167,7 @@ async def test_user_key_from_an_auth_dependency(anyio_backend: str) -> None:
         tg.start_soon(run, "alice-1", "t-alice")
         await inside.wait()
         tg.start_soon(run, "alice-2", "t-alice")
-        await wait_until(lambda: lock.waiting("user:1") == 1)
+        await wait_until(lambda: lock.waiting("user:1") == 1, 'lock.waiting("user:1") == 1')
         await run("bob", "t-bob")  # another user is not held up
         await run("nobody", "t-nobody")  # 401 from the auth dependency, no lock involved
         go.set()
@@ -276,8 +277,11 @@ async def test_a_function_scoped_dependency_would_release_before_the_stream(
         tg.start_soon(run, "A")
         await streaming.wait()
         tg.start_soon(run, "B")
-        await wait_until(lambda: lock.waiting("k") == 1 or "B:enter" in log)
-        await wait_until(lambda: "B:stream-end" in log)
+        await wait_until(
+            lambda: lock.waiting("k") == 1 or "B:enter" in log,
+            "B queued or in",
+        )
+        await wait_until(lambda: "B:stream-end" in log, '"B:stream-end" in log')
         finish.set()
     assert log.index("B:enter") < log.index("A:stream-end")
     assert_idle(lock)

@@ -12,7 +12,7 @@ import anyio.lowlevel
 import pytest
 
 from keyedlock_asgi import KeyedLock, LockStats, _runtime
-from tests.support.lockwatch import until
+from tests.support.waiting import wait_until
 
 
 def test_the_probe_falls_back_when_anyio_keeps_no_task_records() -> None:
@@ -54,9 +54,9 @@ def test_a_cancel_at_hand_off_passes_the_key_on_with_either_probe(
         doomed = anyio.CancelScope()
         async with anyio.create_task_group() as tg:
             tg.start_soon(waiter, "W1", doomed)
-            await until(lambda: lock.waiting("k") == 1)
+            await wait_until(lambda: lock.waiting("k") == 1, 'lock.waiting("k") == 1')
             tg.start_soon(waiter, "W2", anyio.CancelScope())
-            await until(lambda: lock.waiting("k") == 2)
+            await wait_until(lambda: lock.waiting("k") == 2, 'lock.waiting("k") == 2')
             if release_first:  # no checkpoint between the two: W1 cannot run in between
                 await holder.__aexit__(None, None, None)
                 doomed.cancel()

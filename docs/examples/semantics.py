@@ -13,6 +13,7 @@ import anyio
 import anyio.lowlevel
 
 from keyedlock_asgi import (
+    HoldExpired,
     KeyedLock,
     KeyedLockError,
     LockReentryError,
@@ -284,3 +285,31 @@ async def introspection() -> dict[str, Any]:
 
 
 # --8<-- [end:introspection]
+
+
+# --8<-- [start:max_hold]
+async def bounded_hold() -> list[str]:
+    lock = KeyedLock(max_hold=0.1)  # no hold lasts longer than 100 ms
+    log: list[str] = []
+
+    async def stuck() -> None:
+        try:
+            async with lock.hold("job:1"):
+                log.append("stuck in")
+                await anyio.sleep_forever()  # never returns on its own
+        except HoldExpired:
+            log.append("stuck revoked")
+
+    async def next_in_line() -> None:
+        async with lock.hold("job:1"):
+            log.append("next in")
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(stuck)
+        while not lock.locked("job:1"):
+            await anyio.lowlevel.checkpoint()
+        tg.start_soon(next_in_line)
+    return log
+
+
+# --8<-- [end:max_hold]

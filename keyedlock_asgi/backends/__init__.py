@@ -8,6 +8,7 @@ the core takes several keys one by one in sorted order, which keeps them deadloc
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal, Protocol, runtime_checkable
 
@@ -50,6 +51,10 @@ class BackendLease(Protocol):
     async def release(self) -> None:
         """Give the key back; called shielded from cancellation. A lost lease is no error."""
         ...
+
+    on_lost: Callable[[LeaseLost], object] | None
+    """Set by the core after the grant: call it (on the event loop) when the lease is lost
+    while held, so the hold is revoked (`HoldExpired`). A lease that cannot tell leaves it."""
 
 
 @runtime_checkable

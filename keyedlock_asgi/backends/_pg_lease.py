@@ -24,7 +24,8 @@ logger = logging.getLogger("keyedlock_asgi.postgres")
 class PostgresLease:
     """A key granted by the server, held by one pooled connection until `release()`.
 
-    Session mode releases with `pg_advisory_unlock`, transaction mode with `COMMIT`. All
+    Session mode releases with `pg_advisory_unlock` (`_shared` for a reader), transaction
+    mode with `COMMIT`. All
     traffic on the connection (heartbeat, release) goes through `_io`, never two at once.
     """
 
@@ -35,26 +36,38 @@ class PostgresLease:
         "_done",
         "_granted_at",
         "_io",
-        "_lock_id",
+        "_lock_ids",
         "_on_closed",
         "_pool",
         "key",
         "lost",
+        "on_lost",
+        "shared",
         "token",
     )
 
     def __init__(
-        self, backend: PostgresBackend, pool: Any, conn: Any, key: str, lock_id: int, token: int
+        self,
+        backend: PostgresBackend,
+        pool: Any,
+        conn: Any,
+        key: str,
+        lock_ids: tuple[int, ...],
+        token: int,
+        shared: bool,
     ) -> None:
         self._backend = backend
         self._pool = pool
         self._conn = conn
-        self._lock_id = lock_id
+        self._lock_ids = lock_ids  # every advisory lock the session holds for this key
+        self.shared = shared
         self._io = asyncio.Lock()
         self._done = False
         self.key = key
         self.token = token
         self._granted_at = monotonic()
+        self.on_lost: Callable[[LeaseLost], object] | None = None
+        """Told of the loss right after the backend's `on_lease_lost` (the core revokes)."""
         self.lost = False
         """True once the server is known to have dropped the hold."""
         self._on_closed: Callable[[Any], None] = self._connection_closed
@@ -65,7 +78,8 @@ class PostgresLease:
 
     def __repr__(self) -> str:
         state = "released" if self._done else ("lost" if self.lost else "held")
-        return f"<PostgresLease key={self.key!r} token={self.token} {state}>"
+        mode = " shared" if self.shared else ""
+        return f"<PostgresLease key={self.key!r} token={self.token}{mode} {state}>"
 
     async def release(self) -> None:
         """Unlock on the same connection and give it back to the pool; never raises for a
@@ -83,7 +97,7 @@ class PostgresLease:
                 clean = False
                 if not self.lost and not _is_closed(self._conn):
                     try:
-                        clean = await self._backend._unlock(self._conn, self._lock_id)
+                        clean = await self._backend._unlock(self._conn, self._lock_ids, self.shared)
                     except Exception as exc:
                         self._report_lost("unreachable", "release failed", exc)
                 await self._backend._give_back(self._pool, self._conn, clean=clean)
@@ -105,8 +119,6 @@ class PostgresLease:
             async with self._io:
                 if self._done or self.lost:
                     return
-                if backend._heartbeat_paused:  # test hook: a frozen holder sends nothing
-                    continue
                 try:
                     await self._conn.execute("SELECT 1", timeout=backend.lease)
                 except Exception as exc:
@@ -133,6 +145,8 @@ class PostgresLease:
                 hook(event)
             except Exception:
                 logger.exception("the on_lease_lost hook raised")
+        if self.on_lost is not None:
+            self.on_lost(event)
 
 
 def _is_closed(conn: Any) -> bool:

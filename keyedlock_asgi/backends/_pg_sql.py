@@ -8,8 +8,11 @@ from hashlib import blake2b
 __all__ = [
     "check_sequence_name",
     "key_id",
+    "ensure_sequence_sql",
     "session_lock_sql",
     "session_try_lock_sql",
+    "session_unlock_sql",
+    "session_wait_sql",
     "xact_begin_sql",
     "xact_lock_copy_query",
 ]
@@ -34,7 +37,21 @@ def check_sequence_name(name: str) -> str:
     return name
 
 
-def session_lock_sql(sequence: str) -> str:
+def ensure_sequence_sql(sequence: str) -> str:
+    """Create the fence sequence unless it exists: one simple-protocol statement (it may run
+    through pgbouncer's transaction pooling) that needs no CREATE right once it exists."""
+    return (
+        f"DO $$ BEGIN IF to_regclass('{sequence}') IS NULL THEN "
+        f"CREATE SEQUENCE IF NOT EXISTS {sequence}; END IF; END $$"
+    )
+
+
+def _suffix(shared: bool) -> str:
+    """`pg_advisory_lock_shared` (ShareLock) for a reader, `pg_advisory_lock` (ExclusiveLock)."""
+    return "_shared" if shared else ""
+
+
+def session_lock_sql(sequence: str, *, shared: bool = False) -> str:
     """Wait for the lock ($2) under `lock_timeout` ($1), then draw the fence once granted.
 
     Nested subqueries with volatile functions are never flattened by the planner, so the
@@ -43,14 +60,31 @@ def session_lock_sql(sequence: str) -> str:
     """
     return (
         f"SELECT nextval('{sequence}') FROM ("
-        "SELECT pg_advisory_lock($2) FROM ("
+        f"SELECT pg_advisory_lock{_suffix(shared)}($2) FROM ("
         "SELECT set_config('lock_timeout', $1, false)) AS t) AS l"
     )
 
 
-def session_try_lock_sql(sequence: str) -> str:
+def session_wait_sql(*, shared: bool) -> str:
+    """Wait for a lock ($2) under `lock_timeout` ($1), without a fence (a gate, a slot)."""
+    return (
+        f"SELECT 1 FROM (SELECT pg_advisory_lock{_suffix(shared)}($2) FROM "
+        "(SELECT set_config('lock_timeout', $1, false)) AS t) AS l"
+    )
+
+
+def session_try_lock_sql(sequence: str, *, shared: bool = False) -> str:
     """Take the lock ($1) only if it is free: the fence, or NULL when taken."""
-    return f"SELECT CASE WHEN pg_try_advisory_lock($1) THEN nextval('{sequence}') END"
+    return (
+        f"SELECT CASE WHEN pg_try_advisory_lock{_suffix(shared)}($1) THEN nextval('{sequence}') END"
+    )
+
+
+def session_unlock_sql(*, shared: bool) -> str:
+    """Release every lock id of `$1` (bigint[]) held in one mode: true when all were held."""
+    return (
+        f"SELECT bool_and(pg_advisory_unlock{_suffix(shared)}(id)) FROM unnest($1::bigint[]) AS id"
+    )
 
 
 def xact_begin_sql(lock_timeout_ms: int, lease_ms: int) -> str:
@@ -62,9 +96,16 @@ def xact_begin_sql(lock_timeout_ms: int, lease_ms: int) -> str:
     return sql
 
 
-def xact_lock_copy_query(sequence: str, lock: int, *, wait: bool) -> str:
+def xact_lock_copy_query(sequence: str, lock: int, *, wait: bool, shared: bool = False) -> str:
     """The query run through COPY (simple protocol) that takes the transaction lock and
     returns the fence (NULL when `wait` is false and the key is taken)."""
+    mode = _suffix(shared)
     if wait:
-        return f"SELECT nextval('{sequence}') FROM (SELECT pg_advisory_xact_lock({int(lock)})) AS l"
-    return f"SELECT CASE WHEN pg_try_advisory_xact_lock({int(lock)}) THEN nextval('{sequence}') END"
+        return (
+            f"SELECT nextval('{sequence}') FROM "
+            f"(SELECT pg_advisory_xact_lock{mode}({int(lock)})) AS l"
+        )
+    return (
+        f"SELECT CASE WHEN pg_try_advisory_xact_lock{mode}({int(lock)}) "
+        f"THEN nextval('{sequence}') END"
+    )

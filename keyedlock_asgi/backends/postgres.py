@@ -2,8 +2,9 @@
 
 Each held key owns one connection of the backend's own bounded pool (never the app's) for as
 long as it is held: `pg_advisory_lock(bigint)` in session mode, or `pg_advisory_xact_lock` in
-an open transaction in transaction mode (for pgbouncer transaction pooling). The server grants
-waiters in FIFO order and wakes them itself; a dead session's locks vanish at once. A frozen
+an open transaction in transaction mode (for pgbouncer transaction pooling); a shared hold
+uses the `_shared` forms (ShareLock instead of ExclusiveLock). The server grants waiters of
+both modes in one FIFO queue and wakes them itself; a dead session's locks vanish at once. A frozen
 holder is bounded by the server (`idle_session_timeout` or
 `idle_in_transaction_session_timeout` = `lease`) while a heartbeat keeps a live one in.
 Fencing tokens come from one sequence, drawn after the grant in the same statement.
@@ -28,24 +29,38 @@ import anyio
 from .._errors import BackendUnavailable, LockBusy, LockTimeout
 from . import LeaseLost
 from ._pg_lease import PostgresLease
+from ._pg_pooling import TransactionPoolingError, served_per_transaction
 from ._pg_sql import (
     check_sequence_name,
+    ensure_sequence_sql,
     key_id,
     session_lock_sql,
     session_try_lock_sql,
+    session_unlock_sql,
+    session_wait_sql,
     xact_begin_sql,
     xact_lock_copy_query,
 )
 
-__all__ = ["LeaseLost", "PostgresBackend", "PostgresLease", "key_id"]
+__all__ = ["LeaseLost", "PostgresBackend", "PostgresLease", "TransactionPoolingError", "key_id"]
 
 logger = logging.getLogger("keyedlock_asgi.postgres")
 
 Mode = Literal["session", "transaction"]
 
-_GATE_SQL = (
-    "SELECT 1 FROM (SELECT pg_advisory_lock($2) FROM "
-    "(SELECT set_config('lock_timeout', $1, false)) AS t) AS l"
+# asyncpg.create_pool arguments that asyncpg.connect does not take (the start-up probe
+# opens plain connections with the rest).
+_POOL_ONLY = frozenset(
+    (
+        "min_size",
+        "max_size",
+        "max_queries",
+        "max_inactive_connection_lifetime",
+        "setup",
+        "init",
+        "reset",
+        "connection_class",
+    )
 )
 
 
@@ -66,7 +81,8 @@ class PostgresBackend:
     answering keeps a key; `heartbeat` (default lease/3) keeps a live holder's session busy.
     `pool_size` bounds the keys one process holds or waits for in the engine at once (the
     rest queue in the process for a connection). `mode="transaction"` holds each key in an
-    open transaction, for pgbouncer in transaction pooling.
+    open transaction, for pgbouncer in transaction pooling; session mode refuses to start
+    (`TransactionPoolingError`) when it finds itself behind such a pooler.
     """
 
     def __init__(
@@ -110,7 +126,7 @@ class PostgresBackend:
         self._pool: _LoopPool | None = None
         self._leases: set[PostgresLease] = set()
         self._closed = False
-        self._heartbeat_paused = False  # test hook: simulate a frozen holder
+        self._refused: str | None = None  # why start-up refused this configuration
 
     @classmethod
     def from_dsn(cls, dsn: str, **options: Any) -> PostgresBackend:
@@ -130,11 +146,17 @@ class PostgresBackend:
     # -- LockBackend --------------------------------------------------------------------
 
     async def acquire(
-        self, key: str, *, timeout: float | None, max_concurrency: int
+        self, key: str, *, timeout: float | None, max_concurrency: int, shared: bool = False
     ) -> PostgresLease:
-        """Take `key` in PostgreSQL; see `LockBackend.acquire`."""
+        """Take `key` in PostgreSQL; see `LockBackend.acquire`.
+
+        `shared`: `pg_advisory_lock_shared`, so readers hold together and a writer waits for
+        all of them; with `max_concurrency > 1` a reader holds every slot lock shared.
+        """
         if self._closed:
             raise self._unavailable("the backend is closed")
+        if self._refused is not None:
+            raise TransactionPoolingError(self._refused)
         if max_concurrency > 1 and self.mode == "transaction":
             raise ValueError(
                 "max_concurrency > 1 needs mode='session' (its gate lock is released before "
@@ -147,11 +169,11 @@ class PostgresBackend:
             conn = await self._take(pool, try_only, deadline)
             try:
                 if max_concurrency == 1:
-                    lock_id = key_id(self.namespace, key)
-                    token = await self._lock(conn, lock_id, try_only, deadline)
+                    lock_ids: tuple[int, ...] = (key_id(self.namespace, key),)
+                    token = await self._lock(conn, lock_ids[0], shared, try_only, deadline)
                 else:
-                    lock_id, token = await self._lock_slot(
-                        conn, key, max_concurrency, try_only, deadline
+                    lock_ids, token = await self._lock_slot(
+                        conn, key, max_concurrency, shared, try_only, deadline
                     )
             except BaseException as exc:
                 await self._give_back_failed(pool, conn, exc)
@@ -162,7 +184,7 @@ class PostgresBackend:
                 if attempt == 1 and conn.is_closed() and not _past(deadline):
                     continue
                 raise self._translate(exc, deadline) from exc
-            lease = PostgresLease(self, pool, conn, key, lock_id, token)
+            lease = PostgresLease(self, pool, conn, key, lock_ids, token, shared)
             self._leases.add(lease)
             return lease
         raise AssertionError("unreachable")  # pragma: no cover
@@ -234,24 +256,43 @@ class PostgresBackend:
             pool = await asyncpg.create_pool(self.dsn, **options)
             try:
                 async with pool.acquire() as conn:
-                    await self._ensure_sequence(conn)
+                    if self.mode == "session":
+                        await self._refuse_transaction_pooling(conn, options)
+                    await conn.execute(ensure_sequence_sql(self.fence_sequence))
             except BaseException:
                 pool.terminate()
                 raise
-        except (LockBusy, LockTimeout, BackendUnavailable):
+        except (LockBusy, LockTimeout, BackendUnavailable, TransactionPoolingError):
             raise
         except Exception as exc:
             raise self._translate(exc, None) from exc
         return pool
 
-    async def _ensure_sequence(self, conn: Any) -> None:
-        """Create the fence sequence once (IF NOT EXISTS; a concurrent creator is fine)."""
+    async def _refuse_transaction_pooling(self, conn: Any, options: Mapping[str, Any]) -> None:
+        """Session mode needs one server session per connection: refuse to start, for good,
+        behind a pooler that hands each transaction to any server session."""
         asyncpg = _asyncpg()
-        exists = await conn.fetchval("SELECT to_regclass($1) IS NOT NULL", self.fence_sequence)
-        if exists:
+        connect_options = {k: v for k, v in options.items() if k not in _POOL_ONLY}
+        connect_options["statement_cache_size"] = 0
+
+        async def connect() -> Any:
+            return await asyncpg.connect(self.dsn, **connect_options)
+
+        try:
+            pooled = await asyncio.wait_for(
+                served_per_transaction(conn, connect), 2 * self.connect_timeout
+            )
+        except asyncio.TimeoutError:  # a saturated session pooler: nothing learnt
+            logger.debug("the transaction pooling probe timed out", exc_info=True)
             return
-        with contextlib.suppress(asyncpg.UniqueViolationError, asyncpg.DuplicateTableError):
-            await conn.execute(f"CREATE SEQUENCE IF NOT EXISTS {self.fence_sequence}")
+        if pooled:
+            self._refused = (
+                "mode='session' found itself behind a transaction-pooling proxy (pgbouncer "
+                "pool_mode=transaction?): its session locks would land on whichever server "
+                "session ran each statement. Use PostgresBackend(..., mode='transaction') "
+                "there, or connect directly / through session pooling."
+            )
+            raise TransactionPoolingError(self._refused)
 
     async def _init_connection(self, conn: Any) -> None:
         """Session mode: the server-side lease is the session's idle timeout (PG >= 14)."""
@@ -312,27 +353,29 @@ class PostgresBackend:
 
     # -- SQL ------------------------------------------------------------------------------
 
-    async def _lock(self, conn: Any, lock_id: int, try_only: bool, deadline: float | None) -> int:
+    async def _lock(
+        self, conn: Any, lock_id: int, shared: bool, try_only: bool, deadline: float | None
+    ) -> int:
         """Wait for one advisory lock; the fence token drawn once it is granted."""
         if self.mode == "transaction":
-            return await self._lock_xact(conn, lock_id, try_only, deadline)
+            return await self._lock_xact(conn, lock_id, shared, try_only, deadline)
         asyncpg = _asyncpg()
         sequence = self.fence_sequence
         if try_only:
-            token = await conn.fetchval(session_try_lock_sql(sequence), lock_id)
+            token = await conn.fetchval(session_try_lock_sql(sequence, shared=shared), lock_id)
             if token is None:
                 raise LockBusy("the key is held in another process")
             return int(token)
         try:
             token = await conn.fetchval(
-                session_lock_sql(sequence), str(_lock_timeout_ms(deadline)), lock_id
+                session_lock_sql(sequence, shared=shared), str(_lock_timeout_ms(deadline)), lock_id
             )
         except asyncpg.LockNotAvailableError as exc:
             raise LockTimeout("the key was not granted within the timeout") from exc
         return int(token)
 
     async def _lock_xact(
-        self, conn: Any, lock_id: int, try_only: bool, deadline: float | None
+        self, conn: Any, lock_id: int, shared: bool, try_only: bool, deadline: float | None
     ) -> int:
         """Transaction mode: simple-protocol statements only (pgbouncer, no pinned xmin)."""
         asyncpg = _asyncpg()
@@ -343,7 +386,7 @@ class PostgresBackend:
         async def sink(chunk: bytes) -> None:
             out.extend(chunk)
 
-        query = xact_lock_copy_query(self.fence_sequence, lock_id, wait=not try_only)
+        query = xact_lock_copy_query(self.fence_sequence, lock_id, wait=not try_only, shared=shared)
         try:
             await conn.copy_from_query(query, output=sink)
         except asyncpg.LockNotAvailableError as exc:
@@ -354,30 +397,38 @@ class PostgresBackend:
         return int(value)
 
     async def _lock_slot(
-        self, conn: Any, key: str, slots: int, try_only: bool, deadline: float | None
-    ) -> tuple[int, int]:
-        """`max_concurrency > 1`: pass a FIFO gate lock, then take the first free one of
-        `slots` slot locks, polling (only the gate's holder polls) until one frees up."""
-        asyncpg = _asyncpg()
+        self,
+        conn: Any,
+        key: str,
+        slots: int,
+        shared: bool,
+        try_only: bool,
+        deadline: float | None,
+    ) -> tuple[tuple[int, ...], int]:
+        """`max_concurrency > 1`: pass a FIFO gate lock (both modes, in arrival order), then
+        a writer takes the first free one of `slots` slot locks, polling (only the gate's
+        holder polls) until one frees up; a reader takes every slot lock shared (the server
+        wakes it once the writers left), which keeps writers out until the readers leave."""
         namespace = self.namespace
         gate = key_id(namespace, key, "gate")
+        slot_ids = tuple(key_id(namespace, key, f"slot{slot}") for slot in range(slots))
         if try_only:
             if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", gate):
                 raise LockBusy("the key's slots are contended in another process")
         else:
-            try:
-                await conn.fetchval(_GATE_SQL, str(_lock_timeout_ms(deadline)), gate)
-            except asyncpg.LockNotAvailableError as exc:
-                raise LockTimeout("the key was not granted within the timeout") from exc
+            await self._wait_lock(conn, gate, False, deadline)
+        if shared:
+            token = await self._lock_all_shared(conn, slot_ids, try_only, deadline)
+            await conn.fetchval("SELECT pg_advisory_unlock($1)", gate)
+            return slot_ids, token
         try_sql = session_try_lock_sql(self.fence_sequence)
         pause = 0.002
         while True:
-            for slot in range(slots):
-                slot_id = key_id(namespace, key, f"slot{slot}")
+            for slot_id in slot_ids:
                 token = await conn.fetchval(try_sql, slot_id)
                 if token is not None:
                     await conn.fetchval("SELECT pg_advisory_unlock($1)", gate)
-                    return slot_id, int(token)
+                    return (slot_id,), int(token)
             if try_only:
                 raise LockBusy(f"all {slots} holders of the key are taken")
             left = _left(deadline)
@@ -386,12 +437,37 @@ class PostgresBackend:
             await asyncio.sleep(pause if left is None else min(pause, left))
             pause = min(pause * 2, 0.05)
 
-    async def _unlock(self, conn: Any, lock_id: int) -> bool:
+    async def _lock_all_shared(
+        self, conn: Any, lock_ids: tuple[int, ...], try_only: bool, deadline: float | None
+    ) -> int:
+        """Take every id shared, one statement each (each wait bounded by the time left);
+        the fence drawn with the last grant. A failure leaves partial grants to the reset."""
+        for lock_id in lock_ids[:-1]:
+            if try_only:
+                if not await conn.fetchval("SELECT pg_try_advisory_lock_shared($1)", lock_id):
+                    raise LockBusy("the key is held by a writer in another process")
+            else:
+                await self._wait_lock(conn, lock_id, True, deadline)
+        return await self._lock(conn, lock_ids[-1], True, try_only, deadline)
+
+    async def _wait_lock(
+        self, conn: Any, lock_id: int, shared: bool, deadline: float | None
+    ) -> None:
+        """A session lock without a fence (the gate, a reader's other slots)."""
+        asyncpg = _asyncpg()
+        try:
+            await conn.fetchval(
+                session_wait_sql(shared=shared), str(_lock_timeout_ms(deadline)), lock_id
+            )
+        except asyncpg.LockNotAvailableError as exc:
+            raise LockTimeout("the key was not granted within the timeout") from exc
+
+    async def _unlock(self, conn: Any, lock_ids: tuple[int, ...], shared: bool) -> bool:
         """Release a hold on its own connection; True when the server confirms it."""
         if self.mode == "transaction":
             await conn.execute("COMMIT")
             return True
-        return bool(await conn.fetchval("SELECT pg_advisory_unlock($1)", lock_id))
+        return bool(await conn.fetchval(session_unlock_sql(shared=shared), list(lock_ids)))
 
     # -- errors ---------------------------------------------------------------------------
 

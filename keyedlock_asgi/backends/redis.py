@@ -256,6 +256,7 @@ class RedisLease:
         "_valid_until",
         "key",
         "lost",
+        "on_lost",
         "released",
         "token",
     )
@@ -281,6 +282,8 @@ class RedisLease:
         """The fencing token: strictly increasing per key across every grant."""
         self._slots = slots
         self._granted_at = sent_at
+        self.on_lost: Callable[[LeaseLost], object] | None = None
+        """Told of the loss right after the backend's `on_lease_lost` (the core revokes)."""
         # The earliest the lease can end: it began after `sent_at` (for a hand-off, after the
         # waiter's last ACQUIRE was sent), for `valid_for` seconds (a full lease or a claim).
         self._valid_until = sent_at + valid_for
@@ -395,6 +398,8 @@ class RedisLease:
                 callback(event)
             except Exception:
                 logger.exception("on_lease_lost callback failed")
+        if self.on_lost is not None:
+            self.on_lost(event)
 
 
 class RedisBackend:

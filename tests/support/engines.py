@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from keyedlock_asgi.backends import LockBackend
+from tests.support.engine_pgbouncer import pgbouncer_engine
 from tests.support.engine_postgres import postgres_engine
 from tests.support.engine_redis import redis_cluster_engine, redis_engine
 
@@ -33,3 +34,10 @@ ENGINES["redis-cluster"] = redis_cluster_engine
 ASYNCIO_ONLY.add("redis-cluster")  # a real 3-master cluster on loopback (tests/support)
 ENGINES["postgres"] = postgres_engine
 ASYNCIO_ONLY.add("postgres")  # asyncpg runs on asyncio only
+ENGINES["pgbouncer"] = pgbouncer_engine  # PostgreSQL through pgbouncer, transaction mode
+ASYNCIO_ONLY.add("pgbouncer")
+
+NO_SLOTS: dict[str, str] = {
+    "pgbouncer": "transaction mode cannot hold max_concurrency > 1 (see docs/postgres.md)",
+}
+"""Engines that refuse `max_concurrency > 1`, and why: `make_lock` skips those tests there."""

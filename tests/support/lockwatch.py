@@ -2,20 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
-
-import anyio
-import anyio.lowlevel
-
-
-async def until(condition: Callable[[], bool], *, steps: int = 100_000) -> None:
-    """Yield to the event loop until `condition()` holds (a scheduling barrier, not a timer)."""
-    for _ in range(steps):
-        if condition():
-            return
-        await anyio.lowlevel.checkpoint()
-    raise AssertionError("condition never became true")
 
 
 @dataclass

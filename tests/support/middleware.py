@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import anyio
@@ -10,15 +9,6 @@ import anyio.lowlevel
 import httpx
 from starlette.requests import Request
 from starlette.responses import JSONResponse
-
-
-async def wait_until(predicate: Callable[[], bool], what: str = "condition") -> None:
-    """Yield to the event loop until `predicate()` holds (bounded number of checkpoints)."""
-    for _ in range(200_000):
-        if predicate():
-            return
-        await anyio.lowlevel.checkpoint()
-    raise AssertionError(f"never reached: {what}")
 
 
 class Gated:

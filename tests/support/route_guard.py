@@ -89,13 +89,6 @@ def client(app: Any) -> httpx.AsyncClient:
     return httpx.AsyncClient(transport=transport, base_url="http://test")
 
 
-async def wait_until(predicate: Callable[[], bool]) -> None:
-    """Yield to the loop until `predicate()` holds (a rendezvous, never an assertion)."""
-    # Lock state has no event to wait on; polling it is the rendezvous.
-    while not predicate():  # noqa: ASYNC110
-        await anyio.sleep(0.001)
-
-
 def answer(response: httpx.Response) -> tuple[int, Any, str | None, str | None]:
     """What a client sees of a rejection: status, JSON body, Retry-After, content type."""
     return (
