@@ -7,14 +7,18 @@ first without the middleware, then with it, and prints what happened:
 
     python examples/checkout.py           # the demo; exits 1 if the protected run is wrong
     python examples/checkout.py --serve   # the protected app under uvicorn, to try with curl
+    python examples/checkout.py --metrics wait.json   # also: record OpenTelemetry metrics of
+        # protected runs at several concurrencies (needs opentelemetry-sdk), for docs/wait_chart.py
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import anyio
 
@@ -108,10 +112,12 @@ class Outcome:
     statuses: dict[int, int]
 
 
-async def run(protected: bool, checkouts: int = CONCURRENT_CHECKOUTS) -> Outcome:
+async def run(
+    protected: bool, checkouts: int = CONCURRENT_CHECKOUTS, meter_provider: Any = None
+) -> Outcome:
     """Fire `checkouts` concurrent checkouts for alice at a fresh shop."""
     shop = Shop()
-    lock = KeyedLock() if protected else None
+    lock = KeyedLock(name="checkout", meter_provider=meter_provider) if protected else None
     app = CountWaits(protected_app(shop, lock) if lock else shop_app(shop), lock)
     statuses: dict[int, int] = {}
     transport = httpx.ASGITransport(app=app)
@@ -168,6 +174,29 @@ async def main() -> int:
     return 0
 
 
+async def record_metrics(path: str, concurrencies: list[int]) -> int:
+    """Protected runs at each concurrency, each with its own in-memory metric reader; writes
+    `{"runs": [{"checkouts": n, "metrics": <the SDK's metrics JSON>}]}` to `path`."""
+    from opentelemetry.sdk.metrics import MeterProvider  # only for --metrics
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+    runs = []
+    for checkouts in concurrencies:
+        reader = InMemoryMetricReader()
+        provider = MeterProvider(metric_readers=[reader])
+        outcome = await run(protected=True, checkouts=checkouts, meter_provider=provider)
+        if not correct(outcome):
+            print(f"ERROR: the protected run with {checkouts} checkouts is wrong.")
+            return 1
+        data = reader.get_metrics_data()
+        assert data is not None
+        runs.append({"checkouts": checkouts, "metrics": json.loads(data.to_json())})
+        provider.shutdown()
+    await anyio.Path(path).write_text(json.dumps({"runs": runs}))
+    print(f"metrics of {len(runs)} protected runs written to {path}")
+    return 0
+
+
 def serve(port: int) -> None:
     """Serve the protected app with uvicorn, for trying with curl."""
     import uvicorn
@@ -189,8 +218,17 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--serve", action="store_true", help="serve the protected app")
     parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--metrics", metavar="OUT.json", help="record metrics to this file")
+    parser.add_argument(
+        "--concurrency",
+        default="5,10,25,50",
+        help="with --metrics: concurrent checkouts per run, comma-separated",
+    )
     options = parser.parse_args()
     if options.serve:
         serve(options.port)
+    elif options.metrics:
+        levels = [int(level) for level in options.concurrency.split(",")]
+        sys.exit(anyio.run(record_metrics, options.metrics, levels))
     else:
         sys.exit(anyio.run(main))

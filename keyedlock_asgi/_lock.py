@@ -522,6 +522,8 @@ class KeyedLock:
         max_hold: float | None = None,
         name: str = "default",
         observers: Iterable[LockObserver] = (),
+        metrics: bool = True,
+        meter_provider: Any = None,
     ) -> None:
         self._defaults = HoldOptions().resolve(timeout, max_waiting, on_error, False, max_hold)
         self._shared_defaults = self._defaults._replace(shared=True)
@@ -543,6 +545,8 @@ class KeyedLock:
         self._observers: tuple[LockObserver, ...] = ()
         for observer in observers:
             self.add_observer(observer)
+        if metrics:
+            _attach_metrics(self, meter_provider)
         self._closed = False
         self._fence = itertools.count(1)
         self._states: weakref.WeakKeyDictionary[object, _LoopState] = weakref.WeakKeyDictionary()
@@ -862,6 +866,17 @@ class KeyedLock:
         anew. Nothing is cached after the call ends. No key is held; `fn` may be sync or async.
         """
         return await _coalesce(self, self._key_prefix + key, fn, *args, **kwargs)
+
+
+def _attach_metrics(lock: KeyedLock, meter_provider: Any) -> None:
+    """`metrics=True`: observe with OpenTelemetry if `opentelemetry-api` is installed."""
+    try:
+        from .otel import LockMetrics  # the optional extra `otel`
+    except ModuleNotFoundError as error:
+        if not (error.name or "").startswith("opentelemetry"):
+            raise
+        return
+    lock.add_observer(LockMetrics(lock, meter_provider))
 
 
 async def _call(fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
