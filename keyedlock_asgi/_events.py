@@ -14,8 +14,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal, TypeAlias
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple, TypeAlias
 
 if TYPE_CHECKING:
     from ._lock import Held
@@ -43,9 +42,11 @@ Outcome = Literal[
 ]
 
 
-@dataclass(frozen=True)
-class LockEvent:
-    """One thing that happened to one hold (one caller asking for one or more keys)."""
+class LockEvent(NamedTuple):
+    """One thing that happened to one hold (one caller asking for one or more keys).
+
+    A NamedTuple: built on every grant and release while an observer is attached, and a tuple
+    is the cheapest immutable value to build."""
 
     kind: EventKind
     """`queued`: the caller must wait; `granted`: it holds its keys; `rejected`: it was turned
