@@ -84,3 +84,10 @@ class Worker:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.pid, signal.SIGCONT)
             os.killpg(self.pid, signal.SIGKILL)
+
+    async def close(self) -> None:
+        """Kill the process and reap it on this event loop, so that no transport of it is
+        left for the garbage collector to close once the loop has ended."""
+        self.kill()
+        with anyio.CancelScope(shield=True):
+            await self.process.aclose()
