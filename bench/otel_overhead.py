@@ -2,9 +2,10 @@
 
 Variants, all in this process, each on a fresh lock:
 - `metrics=False`: no observer (the same code path as a build without the feature);
-- `no SDK`: `metrics=True` with only opentelemetry-api (the global no-op provider);
-- `SDK`: `metrics=True` with an SDK `MeterProvider` (an in-memory reader, never collected
-  during the run) and the SDK's tracer provider installed globally.
+- `no SDK`: `metrics=True` with only opentelemetry-api (its placeholder providers: nothing is
+  attached, so this should match `metrics=False`);
+- `SDK`: `metrics=True` with an SDK `MeterProvider` passed to the lock (an in-memory reader,
+  never collected during the run).
 
     PYTHONPATH=. python bench/otel_overhead.py
     PYTHONPATH=. python bench/otel_overhead.py --cycles 100000 --repeat 7

@@ -545,8 +545,10 @@ class KeyedLock:
         self._observers: tuple[LockObserver, ...] = ()
         for observer in observers:
             self.add_observer(observer)
-        if metrics:
-            _attach_metrics(self, meter_provider)
+        # `metrics=True`: attach OpenTelemetry once it listens, looked at now and when the lock
+        # is first used on each event loop (an app sets its SDK up at startup, after imports).
+        self._meter_provider = meter_provider
+        self._metrics_pending = metrics and not _attach_metrics(self, meter_provider)
         self._closed = False
         self._fence = itertools.count(1)
         self._states: weakref.WeakKeyDictionary[object, _LoopState] = weakref.WeakKeyDictionary()
@@ -794,7 +796,7 @@ class KeyedLock:
             return state, task
         state = self._states.get(loop)
         if state is None:
-            state = self._states[loop] = _LoopState(loop.create_future, True)
+            state = self._new_state(loop, loop.create_future, True)
         self._cache = (loop, state)
         return state, task
 
@@ -810,9 +812,18 @@ class KeyedLock:
         if state is None:
             import trio  # present: `current_trio_run` found a run
 
-            state = self._states[root] = _LoopState(trio.Event, False)
+            state = self._new_state(root, trio.Event, False)
         self._cache = (root, state)
         return state, task
+
+    def _new_state(
+        self, loop: object, new_signal: Callable[[], Any], is_asyncio: bool
+    ) -> _LoopState:
+        """The lock's first use on this event loop: its key table (and metrics, if pending)."""
+        if self._metrics_pending:
+            self._metrics_pending = not _attach_metrics(self, self._meter_provider)
+        state = self._states[loop] = _LoopState(new_signal, is_asyncio)
+        return state
 
     def _current_state(self) -> _LoopState | None:
         """The current loop's table, or None outside an event loop."""
@@ -868,15 +879,19 @@ class KeyedLock:
         return await _coalesce(self, self._key_prefix + key, fn, *args, **kwargs)
 
 
-def _attach_metrics(lock: KeyedLock, meter_provider: Any) -> None:
-    """`metrics=True`: observe with OpenTelemetry if `opentelemetry-api` is installed."""
+def _attach_metrics(lock: KeyedLock, meter_provider: Any) -> bool:
+    """`metrics=True`: observe with OpenTelemetry if `opentelemetry-api` is installed and a
+    provider listens (`otel.listening`). Whether to stop asking: attached, or not installed."""
     try:
-        from .otel import LockMetrics  # the optional extra `otel`
+        from .otel import LockMetrics, listening  # the optional extra `otel`
     except ModuleNotFoundError as error:
         if not (error.name or "").startswith("opentelemetry"):
             raise
-        return
+        return True
+    if not listening(meter_provider):
+        return False
     lock.add_observer(LockMetrics(lock, meter_provider))
+    return True
 
 
 async def _call(fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:

@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 
     from ._lock import Held, KeyedLock
 
-__all__ = ["INSTRUMENTS", "LockMetrics"]
+__all__ = ["INSTRUMENTS", "LockMetrics", "listening"]
 
 INSTRUMENTS: Final = (
     "keyedlock.lock.requests",
@@ -61,6 +61,26 @@ _BUCKETS: Final = (
     10.0,
     30.0,
 )
+
+
+def listening(meter_provider: MeterProvider | None = None) -> bool:
+    """Whether recording would reach anything: a meter provider passed, or a global meter or
+    tracer provider set by an SDK.
+
+    With opentelemetry-api alone the global providers are its placeholders (no-op providers,
+    and proxies waiting for a real one): recording through them costs microseconds per hold
+    and reaches nothing, so `KeyedLock(metrics=True)` attaches only once this is true.
+    """
+    if meter_provider is not None:
+        return True
+    return not (
+        _placeholder(metrics.get_meter_provider()) and _placeholder(trace.get_tracer_provider())
+    )
+
+
+def _placeholder(provider: object) -> bool:
+    """A provider defined by opentelemetry-api itself: a no-op, or a proxy without a delegate."""
+    return type(provider).__module__.startswith(("opentelemetry.metrics", "opentelemetry.trace"))
 
 
 def backend_name(lock: KeyedLock) -> str:

@@ -269,6 +269,50 @@ def test_metrics_through_the_lock_options() -> None:
     assert not any(isinstance(o, LockMetrics) for o in KeyedLock(metrics=False)._observers)
 
 
+def test_with_the_api_alone_nothing_is_attached_until_a_provider_is_set() -> None:
+    """opentelemetry-api without an SDK answers with placeholders: nothing to record into, so
+    nothing is attached. A global provider set later is picked up on the lock's next event
+    loop. In a subprocess: a process sets its global provider only once."""
+    code = (
+        "import anyio\n"
+        "from opentelemetry import metrics\n"
+        "from opentelemetry.sdk.metrics import MeterProvider\n"
+        "from opentelemetry.sdk.metrics.export import InMemoryMetricReader\n"
+        "from keyedlock_asgi import KeyedLock\n"
+        "lock = KeyedLock(name='late')\n"
+        "async def use():\n"
+        "    async with lock.hold('k'):\n"
+        "        pass\n"
+        "anyio.run(use)\n"
+        "assert lock._observers == (), lock._observers\n"
+        "reader = InMemoryMetricReader()\n"
+        "metrics.set_meter_provider(MeterProvider(metric_readers=[reader]))\n"
+        "anyio.run(use)\n"  # a new event loop: the provider is looked up again
+        "anyio.run(use, backend='trio')\n"
+        "names = [m.name for r in reader.get_metrics_data().resource_metrics\n"
+        "         for s in r.scope_metrics for m in s.metrics]\n"
+        "assert 'keyedlock.lock.requests' in names, names\n"
+        "assert len(lock._observers) == 1, lock._observers\n"
+        "print('ok')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.stdout.strip() == "ok", done.stderr
+
+
+def test_a_global_tracer_provider_alone_attaches_the_observer() -> None:
+    code = (
+        "from opentelemetry import trace\n"
+        "from opentelemetry.sdk.trace import TracerProvider\n"
+        "trace.set_tracer_provider(TracerProvider())\n"
+        "from keyedlock_asgi import KeyedLock\n"
+        "from keyedlock_asgi.otel import LockMetrics\n"
+        "assert isinstance(KeyedLock()._observers[0], LockMetrics)\n"
+        "print('ok')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.stdout.strip() == "ok", done.stderr
+
+
 def test_without_opentelemetry_nothing_is_attached_and_nothing_fails() -> None:
     code = (
         "import sys; sys.modules['opentelemetry'] = None\n"  # as if it were not installed
