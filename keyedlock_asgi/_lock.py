@@ -16,6 +16,7 @@ Design, in short:
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import itertools
 import logging
@@ -24,7 +25,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from time import perf_counter
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Literal, ParamSpec, TypeVar, final, overload
+from typing import TYPE_CHECKING, Any, Final, Literal, ParamSpec, TypeVar, final, overload
 
 import anyio
 
@@ -42,9 +43,11 @@ from ._errors import (
 )
 from ._events import LockEvent, LockObserver, Outcome, notify
 from ._keystate import GRANTED, KeyState, abort, enter, leave, withdraw
-from ._options import LOCK_DEFAULT, HoldOptions, LockDefault, OnError
+from ._options import HoldKeywords, HoldOptions, OnError
 
 if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
     from .backends import BackendLease, LeaseLost, LockBackend
 
 __all__ = ["Held", "KeyedLock", "LockStats", "OnBackendError", "mutex"]
@@ -84,6 +87,9 @@ def _wake_event(waiter: Held) -> bool:
     return True
 
 
+_NO_TASK = "KeyedLock must be used from a task on an asyncio or trio loop"
+
+
 @final
 class _LoopState:
     """The key table of one event loop, and how that loop parks and wakes a waiter.
@@ -98,6 +104,10 @@ class _LoopState:
         self.new_signal = new_signal
         self.is_asyncio = is_asyncio
         self.wake = _wake_future if is_asyncio else _wake_event
+
+
+_NO_STATE: Final = _LoopState(lambda: None, True)
+"""The cache's state before any loop was seen (never used: no loop is `None`)."""
 
 
 def _rejection_outcome(error: BaseException) -> Outcome:
@@ -286,7 +296,17 @@ class Held:
         once (re-entry, busy, queue full). The one synchronous way in: `__aenter__` and the
         ASGI layers (which start a disconnect watcher only for requests that must wait)."""
         lock = self._lock
-        state, self._task = lock._current()
+        try:
+            loop = _running_loop()
+        except RuntimeError:  # no asyncio loop in this thread: trio, or none at all
+            state, self._task = lock._trio_state()
+        else:
+            task = self._task = _current_asyncio_task(loop)
+            if task is None:
+                raise RuntimeError(_NO_TASK)
+            cached_loop, state = lock._cache  # one tuple: threads never see half an update
+            if cached_loop is not loop:
+                state = lock._asyncio_state(loop)
         key = self._key
         if type(key) is not str or lock._backend is not None or lock._closed:
             return state, None
@@ -553,7 +573,7 @@ class KeyedLock:
         self._fence = itertools.count(1)
         self._states: weakref.WeakKeyDictionary[object, _LoopState] = weakref.WeakKeyDictionary()
         # The event loop (asyncio loop or trio root task) seen last, and its state.
-        self._cache: tuple[object, _LoopState | None] = (None, None)
+        self._cache: tuple[object, _LoopState] = (None, _NO_STATE)
 
     @property
     def timeout(self) -> float | None:
@@ -619,46 +639,23 @@ class KeyedLock:
 
     # -- public API -------------------------------------------------------------------------
 
-    def hold(
-        self,
-        key: str,
-        /,
-        *more_keys: str,
-        timeout: float | LockDefault | None = LOCK_DEFAULT,
-        max_waiting: int | LockDefault | None = LOCK_DEFAULT,
-        on_error: OnError | LockDefault = LOCK_DEFAULT,
-        shared: bool | LockDefault = LOCK_DEFAULT,
-        max_hold: float | LockDefault | None = LOCK_DEFAULT,
-    ) -> Held:
+    def hold(self, key: str, /, *more_keys: str, **options: Unpack[HoldKeywords]) -> Held:
         """Hold one or more keys for the length of an `async with` block.
 
         Several keys are taken in sorted order, all or nothing, so two callers asking for the
-        same keys in different orders can never deadlock. `shared=True` takes them as a reader.
-        """
-        if (
-            timeout is LOCK_DEFAULT
-            and max_waiting is LOCK_DEFAULT
-            and on_error is LOCK_DEFAULT
-            and (shared is LOCK_DEFAULT or shared is False)
-            and max_hold is LOCK_DEFAULT
-        ):
-            options = self._defaults  # the hot path: nothing to check
-        elif shared is True and timeout is max_waiting is on_error is max_hold is LOCK_DEFAULT:
-            options = self._shared_defaults
-        else:
-            options = self._defaults.resolve(timeout, max_waiting, on_error, shared, max_hold)
-        return self._hold(key, more_keys, options)
+        same keys in different orders can never deadlock. Options, each `LOCK_DEFAULT` (the
+        lock's own) when left out: `timeout`, `max_waiting`, `on_error`, `shared` (True: take
+        them as a reader), `max_hold`; see `HoldOptions`.
 
-    def _hold(
-        self, key: str, more_keys: tuple[str, ...], options: HoldOptions, context: Any = None
-    ) -> Held:
-        """`hold()` with its options already resolved (the HTTP layers resolve theirs once,
-        and attach the request's scope as the hold's `context`)."""
-        held = Held()
+        Options arrive as `**options`, not as five keyword parameters with defaults: filling
+        those defaults costs more than the rest of an uncontended `hold()` (measured with
+        `bench/lock_instructions.py`), and most calls pass none.
+        """
+        resolved = self._defaults if not options else self._resolve(options)
+        held = Held()  # no `__init__`: the cheapest way to make one (hot path)
         held._lock = self
-        held._options = options
-        held._state = held._limit = held._lost = None
-        held.context = context
+        held._options = resolved
+        held._state = held._limit = held._lost = held.context = None
         if more_keys or type(key) is not str:
             held._key = self._key_set(key, more_keys)
         else:
@@ -773,6 +770,17 @@ class KeyedLock:
 
     # -- internals --------------------------------------------------------------------------
 
+    def _resolve(self, options: HoldKeywords) -> HoldOptions:
+        """`hold()`'s keyword options against the lock's defaults, each checked."""
+        if len(options) == 1 and options.get("shared") is True:  # `== {"shared": True}` lets 1 in
+            return self._shared_defaults
+        unknown = options.keys() - HoldOptions._fields
+        if unknown:
+            raise TypeError(
+                f"hold() got unexpected keyword arguments: {', '.join(sorted(unknown))}"
+            )
+        return self._defaults.resolve(**options)
+
     def _key_set(self, key: str, more_keys: tuple[str, ...]) -> str | tuple[str, ...]:
         """Several keys: prefixed, sorted, without duplicates (one left: a plain str)."""
         for one in (key, *more_keys):
@@ -782,39 +790,31 @@ class KeyedLock:
         unique = sorted({prefix + one for one in (key, *more_keys)})
         return unique[0] if len(unique) == 1 else tuple(unique)
 
-    def _current(self) -> tuple[_LoopState, object]:
-        """The current event loop's key table and the current task (public APIs only)."""
-        try:
-            loop = _running_loop()
-        except RuntimeError:  # no asyncio loop in this thread: trio, or none at all
-            return self._current_trio()
-        task = _current_asyncio_task(loop)
-        if task is None:
-            raise RuntimeError("KeyedLock must be used from a task on an asyncio or trio loop")
-        cached_loop, state = self._cache
-        if cached_loop is loop and state is not None:
-            return state, task
+    def _asyncio_state(self, loop: asyncio.AbstractEventLoop) -> _LoopState:
+        """This asyncio loop's state, made on the lock's first use there; cached for the next
+        `_try_enter` (where the cache hit is checked inline)."""
         state = self._states.get(loop)
         if state is None:
             state = self._new_state(loop, loop.create_future, True)
         self._cache = (loop, state)
-        return state, task
+        return state
 
-    def _current_trio(self) -> tuple[_LoopState, object]:
+    def _trio_state(self) -> tuple[_LoopState, object]:
+        """The running trio run's state (made on first use) and the current task."""
         found = _runtime.current_trio_run()
         if found is None:
-            raise RuntimeError("KeyedLock must be used from a task on an asyncio or trio loop")
+            raise RuntimeError(_NO_TASK)
         root, task = found
         cached_root, state = self._cache
-        if cached_root is root and state is not None:
+        if cached_root is root:
             return state, task
-        state = self._states.get(root)
-        if state is None:
+        known = self._states.get(root)
+        if known is None:
             import trio  # present: `current_trio_run` found a run
 
-            state = self._new_state(root, trio.Event, False)
-        self._cache = (root, state)
-        return state, task
+            known = self._new_state(root, trio.Event, False)
+        self._cache = (root, known)
+        return known, task
 
     def _new_state(
         self, loop: object, new_signal: Callable[[], Any], is_asyncio: bool
@@ -826,11 +826,16 @@ class KeyedLock:
         return state
 
     def _current_state(self) -> _LoopState | None:
-        """The current loop's table, or None outside an event loop."""
+        """The current event loop's table: None outside one, or before the lock's first use
+        on it (for the read-only views: nothing is held there)."""
         try:
-            return self._current()[0]
+            loop: object = _running_loop()
         except RuntimeError:
-            return None
+            found = _runtime.current_trio_run()
+            if found is None:
+                return None
+            loop = found[0]
+        return self._states.get(loop)
 
     # -- the event stream ---------------------------------------------------------------------
 

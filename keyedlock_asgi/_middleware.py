@@ -215,7 +215,9 @@ class KeyedLockMiddleware:
             await app(scope, receive, send)
             return
         options = self._hold_options or self.options.hold_options(scope)
-        held = lock._hold(key, (), options, scope)
+        held = lock.hold(key)  # then this request's options and its scope for observers
+        held._options = options
+        held.context = scope
         try:
             granted = held._try_enter() is None
         except LockReentryError:

@@ -7,9 +7,9 @@ keyword arguments or positions in a tuple. `LOCK_DEFAULT` marks an option left t
 
 from __future__ import annotations
 
-from typing import Final, Literal, NamedTuple, final
+from typing import Final, Literal, NamedTuple, TypedDict, final
 
-__all__ = ["LOCK_DEFAULT", "HoldOptions", "LockDefault", "OnError"]
+__all__ = ["LOCK_DEFAULT", "HoldKeywords", "HoldOptions", "LockDefault", "OnError"]
 
 OnError = Literal["continue", "stop"]
 
@@ -71,6 +71,16 @@ class HoldOptions(NamedTuple):
             self.shared if shared is LOCK_DEFAULT else check_shared(shared),
             self.max_hold if max_hold is LOCK_DEFAULT else check_max_hold(max_hold),
         )
+
+
+class HoldKeywords(TypedDict, total=False):
+    """The per-call options of `KeyedLock.hold`, as keyword arguments (for type checkers)."""
+
+    timeout: float | LockDefault | None
+    max_waiting: int | LockDefault | None
+    on_error: OnError | LockDefault
+    shared: bool | LockDefault
+    max_hold: float | LockDefault | None
 
 
 def check_timeout(timeout: object) -> float | None:

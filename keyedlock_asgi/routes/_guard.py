@@ -114,7 +114,9 @@ class RouteGuard:
         outer = held_by_outer_layer(scope, lock, key)
         if outer is not None:
             return RouteHold(outer, owned=False)
-        held = lock._hold(key, (), options.hold_options(scope), scope)
+        held = lock.hold(key)  # then this route's options and the scope for observers
+        held._options = options.hold_options(scope)
+        held.context = scope
         watcher: Watcher | None = None
         try:
             if receive is None:
