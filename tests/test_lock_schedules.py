@@ -6,8 +6,8 @@ never more than `max_concurrency` exclusive holders inside a key; with a mutex, 
 that had to queue enter in the order they queued; nobody is left waiting (the run ends); and once
 all is over the lock keeps no state.
 
-`KEYEDLOCK_SCHEDULES` sets how many schedules each event loop plays (default 5,000: 10,000 per
-run across asyncio and trio). CI plays the same ones every run (derandomized); a local run
+`KEYEDLOCK_SCHEDULES` sets how many schedules each event loop plays (default 2,500: 5,000 per
+run across asyncio and trio, about 30 s). CI plays the same ones every run (derandomized); a local run
 draws new ones.
 """
 
@@ -33,7 +33,7 @@ from keyedlock_asgi import (
 )
 
 KEYS = ("a", "b", "c")
-SCHEDULES = int(os.environ.get("KEYEDLOCK_SCHEDULES", "5000"))
+SCHEDULES = int(os.environ.get("KEYEDLOCK_SCHEDULES", "2500"))
 
 
 class Boom(Exception):
