@@ -7,8 +7,8 @@ that had to queue enter in the order they queued; nobody is left waiting (the ru
 all is over the lock keeps no state.
 
 `KEYEDLOCK_SCHEDULES` sets how many schedules each event loop plays (default 2,500: 5,000 per
-run across asyncio and trio, about 30 s). CI plays the same ones every run (derandomized); a local run
-draws new ones.
+run across asyncio and trio, about 30 s). CI plays the same ones every run (derandomized); a
+local run draws new ones.
 """
 
 from __future__ import annotations
