@@ -38,9 +38,9 @@ from ._pg_sql import (
     session_try_lock_sql,
     session_unlock_sql,
     session_wait_sql,
-    xact_begin_sql,
-    xact_lock_copy_query,
+    xact_lock_sql,
 )
+from ._pg_wire import copy_out_script
 
 __all__ = ["LeaseLost", "PostgresBackend", "PostgresLease", "TransactionPoolingError", "key_id"]
 
@@ -377,21 +377,21 @@ class PostgresBackend:
     async def _lock_xact(
         self, conn: Any, lock_id: int, shared: bool, try_only: bool, deadline: float | None
     ) -> int:
-        """Transaction mode: simple-protocol statements only (pgbouncer, no pinned xmin)."""
+        """Transaction mode: BEGIN, the timeouts, the lock and the fence in one simple-protocol
+        round trip (pgbouncer: no prepared statements; no pinned xmin)."""
         asyncpg = _asyncpg()
-        lease_ms = 0 if self.lease is None else _ms(self.lease)
-        await conn.execute(xact_begin_sql(_lock_timeout_ms(deadline), lease_ms))
-        out = bytearray()
-
-        async def sink(chunk: bytes) -> None:
-            out.extend(chunk)
-
-        query = xact_lock_copy_query(self.fence_sequence, lock_id, wait=not try_only, shared=shared)
+        script = xact_lock_sql(
+            self.fence_sequence,
+            lock_id,
+            lock_timeout_ms=_lock_timeout_ms(deadline),
+            lease_ms=0 if self.lease is None else _ms(self.lease),
+            wait=not try_only,
+            shared=shared,
+        )
         try:
-            await conn.copy_from_query(query, output=sink)
+            value = (await copy_out_script(conn, script)).strip()
         except asyncpg.LockNotAvailableError as exc:
             raise LockTimeout("the key was not granted within the timeout") from exc
-        value = bytes(out).strip()
         if value == b"\\N":
             raise LockBusy("the key is held in another process")
         return int(value)
