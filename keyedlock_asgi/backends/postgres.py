@@ -496,6 +496,22 @@ def _lock_connection_class() -> type[Any]:
 
         class LockConnection(asyncpg.Connection):  # type: ignore[misc,name-defined]
             _keyedlock_clean = False
+            _keyedlock_lease: PostgresLease | None = None
+            _keyedlock_listening = False
+
+            def keyedlock_hold(self, lease: PostgresLease | None) -> None:
+                """The lease this connection holds now (None: none), told if it closes. One
+                termination listener per connection: adding one per hold cost two
+                `inspect` calls."""
+                if not self._keyedlock_listening:
+                    self._keyedlock_listening = True
+                    self.add_termination_listener(self._keyedlock_closed)
+                self._keyedlock_lease = lease
+
+            def _keyedlock_closed(self, _conn: Any) -> None:
+                lease = self._keyedlock_lease
+                if lease is not None:
+                    lease._connection_closed()
 
             def keyedlock_mark_clean(self) -> None:
                 self._keyedlock_clean = True
