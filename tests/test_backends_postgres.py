@@ -481,6 +481,30 @@ async def test_a_burst_of_distinct_keys_is_bounded_by_the_pool(pg: Any) -> None:
 # -- lifecycle ----------------------------------------------------------------------------
 
 
+async def test_a_freed_connection_waits_for_the_next_hold_then_goes_back_to_asyncpg(
+    pg: Any,
+) -> None:
+    """A clean release keeps the connection in the backend's idle stack, which the next hold
+    takes (no trip through asyncpg's pool); after a while idle asyncpg's pool has it back."""
+    namespace = new_namespace()
+    backend = postgres_backend(namespace, mode="transaction", lease=2.0)  # idle keep 0.25 s
+    lock = KeyedLock(backend=backend)
+    async with lock.hold("k") as first:
+        pass
+    assert backend._pool is not None
+    asyncpg_pool = backend._pool.task.result()
+    assert asyncpg_pool.get_idle_size() == 0  # still the backend's, not asyncpg's
+    async with lock.hold("k") as second:
+        assert asyncpg_pool.get_size() == 1  # the same connection served the second hold
+    assert second.token > first.token
+    await wait_until(lambda: asyncpg_pool.get_idle_size() == 1, "asyncpg's pool has it back")
+    async with lock.hold("k") as third:  # from asyncpg's pool again, reset skipped: clean
+        assert asyncpg_pool.get_size() == 1
+    assert third.token > second.token
+    assert await advisory_locks(pg, namespace) == []
+    await close(lock)
+
+
 def test_one_backend_serves_successive_event_loops() -> None:
     require_postgres()
     lock = KeyedLock(backend=postgres_backend(new_namespace()))

@@ -16,7 +16,7 @@ from . import LeaseLost, LeaseLostReason
 if TYPE_CHECKING:
     from .postgres import PostgresBackend
 
-__all__ = ["PostgresLease"]
+__all__ = ["PostgresLease", "is_closed"]
 
 logger = logging.getLogger("keyedlock_asgi.postgres")
 
@@ -97,7 +97,7 @@ class PostgresLease:
                 with contextlib.suppress(Exception):
                     self._conn.keyedlock_hold(None)
                 clean = False
-                if not self.lost and not _is_closed(self._conn):
+                if not self.lost and not is_closed(self._conn):
                     try:
                         clean = await self._backend._unlock(self._conn, self._lock_ids, self.shared)
                     except Exception as exc:
@@ -156,7 +156,7 @@ class PostgresLease:
             self.on_lost(event)
 
 
-def _is_closed(conn: Any) -> bool:
+def is_closed(conn: Any) -> bool:
     """Whether a pooled connection is unusable (closed, or already detached by the pool)."""
     try:
         return bool(conn.is_closed())
