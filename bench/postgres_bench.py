@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import multiprocessing
+import statistics
 import sys
 import time
 import uuid
@@ -188,8 +189,8 @@ def against_raw(dsn: str, where: str, mode: str, repeat: int, holds: int) -> Non
         ratios.append(rates["backend"] / rates["raw"])
         print(f"{'':42} ratio to raw asyncpg: {ratios[-1]:.2f}x")
     print(
-        f"{'':42} {where}: backend / raw {min(ratios):.2f}x to {max(ratios):.2f}x "
-        f"over {repeat} runs (target >= 1.0x)"
+        f"{'':42} {where}: backend / raw {min(ratios):.2f}x to {max(ratios):.2f}x, median "
+        f"{statistics.median(ratios):.2f}x, over {repeat} runs (target >= 1.0x)"
     )
 
 
