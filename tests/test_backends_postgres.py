@@ -286,6 +286,26 @@ async def test_terminated_holder_connection_hands_over_and_reports_lost(pg: Any)
     await close(a, b)
 
 
+async def test_a_reused_lock_connection_still_reports_a_lost_hold(pg: Any) -> None:
+    """A connection listens for its own termination once, and tells the lease holding it now
+    (no lease, so no heartbeat could tell instead)."""
+    namespace = new_namespace()
+    lost: list[LeaseLost] = []
+    backend = postgres_backend(namespace, pool_size=1, lease=None, on_lease_lost=lost.append)
+    lock = KeyedLock(backend=backend)
+    async with lock.hold("first"):
+        [first_pid] = [pid for pid, _, granted in await advisory_locks(pg, namespace) if granted]
+    async with lock.hold("second") as second:
+        [pid] = [pid for pid, _, granted in await advisory_locks(pg, namespace) if granted]
+        assert pid == first_pid  # the one pooled connection, held a second time
+        assert await pg.fetchval("SELECT pg_terminate_backend($1)", pid)
+        await wait_until(lambda: bool(lost), "the second hold is told")
+    assert [(e.key, e.token, e.reason) for e in lost] == [
+        ("second", second.token, "connection_lost")
+    ]
+    await close(lock)
+
+
 @pytest.mark.parametrize("mode", ROUTES)
 async def test_frozen_holder_loses_the_key_after_the_lease(pg: Any, mode: str) -> None:
     """A holder whose event loop is stuck sends no heartbeat: the server ends its session
@@ -321,12 +341,14 @@ async def test_frozen_holder_loses_the_key_after_the_lease(pg: Any, mode: str) -
     await close(b)
 
 
-async def test_live_holder_keeps_the_key_past_the_lease(pg: Any) -> None:
-    """The heartbeat keeps a working holder's session: no one else gets in meanwhile."""
+@pytest.mark.parametrize("mode", ["session", "pgbouncer"])
+async def test_live_holder_keeps_the_key_past_the_lease(pg: Any, mode: str) -> None:
+    """The heartbeat (a timer until the hold outlives one interval, then a task) keeps a
+    working holder's session or transaction: no one else gets in meanwhile."""
     namespace = new_namespace()
     lost: list[LeaseLost] = []
-    a = KeyedLock(backend=postgres_backend(namespace, lease=0.6, on_lease_lost=lost.append))
-    b = KeyedLock(backend=postgres_backend(namespace, lease=0.6))
+    a = KeyedLock(backend=routed_backend(mode, namespace, lease=0.6, on_lease_lost=lost.append))
+    b = KeyedLock(backend=routed_backend(mode, namespace, lease=0.6))
     async with a.hold("k"):
         await anyio.sleep(1.5)  # the work outlasts the lease twice over
         with pytest.raises(LockBusy):
@@ -334,6 +356,33 @@ async def test_live_holder_keeps_the_key_past_the_lease(pg: Any) -> None:
                 pass
     assert lost == []
     await close(a, b)
+
+
+# -- transaction mode ---------------------------------------------------------------------
+
+
+async def test_transaction_mode_grants_in_the_message_that_opens_the_transaction(
+    pg: Any,
+) -> None:
+    """One round trip per grant: BEGIN, the timeouts, the lock and its fence travel as one
+    simple query, which the server shows as the holding session's last query."""
+    namespace = new_namespace()
+    lock = KeyedLock(backend=postgres_backend(namespace, mode="transaction", lease=20.0))
+    async with lock.hold("k", timeout=5.0) as held:
+        [query] = await pg.fetch(
+            "SELECT query FROM pg_stat_activity "
+            "WHERE application_name = $1 AND state = 'idle in transaction'",
+            f"keyedlock:{namespace}",
+        )
+    text = query["query"]
+    assert text.startswith("BEGIN; SET LOCAL lock_timeout = "), text
+    assert 4000 < int(text.split("lock_timeout = ")[1].split(";")[0]) <= 5000
+    assert "SET LOCAL idle_in_transaction_session_timeout = 20000;" in text
+    assert f"pg_advisory_xact_lock({key_id(namespace, 'k')})" in text
+    assert text.endswith(") TO STDOUT")
+    assert held.token > 0
+    assert await advisory_locks(pg, namespace) == []
+    await close(lock)
 
 
 # -- max_concurrency ----------------------------------------------------------------------
@@ -430,6 +479,30 @@ async def test_a_burst_of_distinct_keys_is_bounded_by_the_pool(pg: Any) -> None:
 
 
 # -- lifecycle ----------------------------------------------------------------------------
+
+
+async def test_a_freed_connection_waits_for_the_next_hold_then_goes_back_to_asyncpg(
+    pg: Any,
+) -> None:
+    """A clean release keeps the connection in the backend's idle stack, which the next hold
+    takes (no trip through asyncpg's pool); after a while idle asyncpg's pool has it back."""
+    namespace = new_namespace()
+    backend = postgres_backend(namespace, mode="transaction", lease=2.0)  # idle keep 0.25 s
+    lock = KeyedLock(backend=backend)
+    async with lock.hold("k") as first:
+        pass
+    assert backend._pool is not None
+    asyncpg_pool = backend._pool.task.result()
+    assert asyncpg_pool.get_idle_size() == 0  # still the backend's, not asyncpg's
+    async with lock.hold("k") as second:
+        assert asyncpg_pool.get_size() == 1  # the same connection served the second hold
+    assert second.token > first.token
+    await wait_until(lambda: asyncpg_pool.get_idle_size() == 1, "asyncpg's pool has it back")
+    async with lock.hold("k") as third:  # from asyncpg's pool again, reset skipped: clean
+        assert asyncpg_pool.get_size() == 1
+    assert third.token > second.token
+    assert await advisory_locks(pg, namespace) == []
+    await close(lock)
 
 
 def test_one_backend_serves_successive_event_loops() -> None:

@@ -16,7 +16,7 @@ from . import LeaseLost, LeaseLostReason
 if TYPE_CHECKING:
     from .postgres import PostgresBackend
 
-__all__ = ["PostgresLease"]
+__all__ = ["PostgresLease", "is_closed"]
 
 logger = logging.getLogger("keyedlock_asgi.postgres")
 
@@ -27,6 +27,8 @@ class PostgresLease:
     Session mode releases with `pg_advisory_unlock` (`_shared` for a reader), transaction
     mode with `COMMIT`. All
     traffic on the connection (heartbeat, release) goes through `_io`, never two at once.
+    The heartbeat task starts only once a hold outlives one heartbeat interval (a timer
+    until then): most holds are far shorter, and a task per hold cost them a loop pass.
     """
 
     __slots__ = (
@@ -37,7 +39,6 @@ class PostgresLease:
         "_granted_at",
         "_io",
         "_lock_ids",
-        "_on_closed",
         "_pool",
         "key",
         "lost",
@@ -70,11 +71,12 @@ class PostgresLease:
         """Told of the loss right after the backend's `on_lease_lost` (the core revokes)."""
         self.lost = False
         """True once the server is known to have dropped the hold."""
-        self._on_closed: Callable[[Any], None] = self._connection_closed
-        conn.add_termination_listener(self._on_closed)
-        self._beat: asyncio.Task[None] | None = None
+        conn.keyedlock_hold(self)  # told by `_connection_closed` if the connection closes
+        self._beat: asyncio.TimerHandle | asyncio.Task[None] | None = None
         if backend.heartbeat is not None:
-            self._beat = asyncio.get_running_loop().create_task(self._heartbeat())
+            self._beat = asyncio.get_running_loop().call_later(
+                backend.heartbeat, self._start_heartbeat
+            )
 
     def __repr__(self) -> str:
         state = "released" if self._done else ("lost" if self.lost else "held")
@@ -93,9 +95,9 @@ class PostgresLease:
                 # After the connection died the pool may have detached our proxy already:
                 # nothing below may raise, or the pool slot would never be given back.
                 with contextlib.suppress(Exception):
-                    self._conn.remove_termination_listener(self._on_closed)
+                    self._conn.keyedlock_hold(None)
                 clean = False
-                if not self.lost and not _is_closed(self._conn):
+                if not self.lost and not is_closed(self._conn):
                     try:
                         clean = await self._backend._unlock(self._conn, self._lock_ids, self.shared)
                     except Exception as exc:
@@ -106,8 +108,13 @@ class PostgresLease:
     def _stop_heartbeat(self) -> None:
         beat = self._beat
         if beat is not None and beat is not asyncio.current_task():
-            beat.cancel()  # it sleeps or waits for `_io`, both safe to cancel
+            beat.cancel()  # a timer, or a task that sleeps or waits for `_io`: safe to cancel
         self._beat = None
+
+    def _start_heartbeat(self) -> None:
+        """The hold outlived one interval: from now on a task beats (the first beat at once)."""
+        if not self._done:
+            self._beat = asyncio.get_running_loop().create_task(self._heartbeat())
 
     async def _heartbeat(self) -> None:
         """Keep the server-side lease (`idle_session_timeout`) from firing while we live."""
@@ -115,7 +122,6 @@ class PostgresLease:
         interval = backend.heartbeat
         assert interval is not None
         while True:
-            await asyncio.sleep(interval)
             async with self._io:
                 if self._done or self.lost:
                     return
@@ -124,8 +130,9 @@ class PostgresLease:
                 except Exception as exc:
                     self._report_lost("unreachable", "heartbeat failed", exc)
                     return
+            await asyncio.sleep(interval)
 
-    def _connection_closed(self, conn: Any) -> None:
+    def _connection_closed(self) -> None:
         if not self._done:
             self._report_lost("connection_lost", "the lock connection closed", None)
 
@@ -149,7 +156,7 @@ class PostgresLease:
             self.on_lost(event)
 
 
-def _is_closed(conn: Any) -> bool:
+def is_closed(conn: Any) -> bool:
     """Whether a pooled connection is unusable (closed, or already detached by the pool)."""
     try:
         return bool(conn.is_closed())

@@ -13,8 +13,7 @@ __all__ = [
     "session_try_lock_sql",
     "session_unlock_sql",
     "session_wait_sql",
-    "xact_begin_sql",
-    "xact_lock_copy_query",
+    "xact_lock_sql",
 ]
 
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_$]*(\.[A-Za-z_][A-Za-z0-9_$]*)?")
@@ -87,25 +86,29 @@ def session_unlock_sql(*, shared: bool) -> str:
     )
 
 
-def xact_begin_sql(lock_timeout_ms: int, lease_ms: int) -> str:
-    """Open the lock's transaction: literals only, sent with the simple protocol (no portal,
-    so an idle-in-transaction holder does not pin `backend_xmin`)."""
-    sql = f"BEGIN; SET LOCAL lock_timeout = {int(lock_timeout_ms)}"
+def xact_lock_sql(
+    sequence: str, lock: int, *, lock_timeout_ms: int, lease_ms: int, wait: bool, shared: bool
+) -> str:
+    """Open the lock's transaction, take the transaction lock and return the fence, in one
+    simple-protocol round trip: literals only (no portal, so an idle-in-transaction holder
+    does not pin `backend_xmin`; no prepared statement for a transaction pooler to misroute).
+
+    The `COPY ... TO STDOUT` is the only statement of the script that returns its row to
+    asyncpg: one line, the fence, or `\\N` when `wait` is false and the key is taken. The
+    fence is drawn in a subquery of the lock, so only once the lock is granted.
+    """
+    sql = f"BEGIN; SET LOCAL lock_timeout = {int(lock_timeout_ms)}; "
     if lease_ms:
-        sql += f"; SET LOCAL idle_in_transaction_session_timeout = {int(lease_ms)}"
-    return sql
-
-
-def xact_lock_copy_query(sequence: str, lock: int, *, wait: bool, shared: bool = False) -> str:
-    """The query run through COPY (simple protocol) that takes the transaction lock and
-    returns the fence (NULL when `wait` is false and the key is taken)."""
+        sql += f"SET LOCAL idle_in_transaction_session_timeout = {int(lease_ms)}; "
     mode = _suffix(shared)
     if wait:
-        return (
+        query = (
             f"SELECT nextval('{sequence}') FROM "
             f"(SELECT pg_advisory_xact_lock{mode}({int(lock)})) AS l"
         )
-    return (
-        f"SELECT CASE WHEN pg_try_advisory_xact_lock{mode}({int(lock)}) "
-        f"THEN nextval('{sequence}') END"
-    )
+    else:
+        query = (
+            f"SELECT CASE WHEN pg_try_advisory_xact_lock{mode}({int(lock)}) "
+            f"THEN nextval('{sequence}') END"
+        )
+    return f"{sql}COPY ({query}) TO STDOUT"

@@ -28,7 +28,7 @@ import anyio
 
 from .._errors import BackendUnavailable, LockBusy, LockTimeout
 from . import LeaseLost
-from ._pg_lease import PostgresLease
+from ._pg_lease import PostgresLease, is_closed
 from ._pg_pooling import TransactionPoolingError, served_per_transaction
 from ._pg_sql import (
     check_sequence_name,
@@ -38,9 +38,9 @@ from ._pg_sql import (
     session_try_lock_sql,
     session_unlock_sql,
     session_wait_sql,
-    xact_begin_sql,
-    xact_lock_copy_query,
+    xact_lock_sql,
 )
+from ._pg_wire import copy_out_script
 
 __all__ = ["LeaseLost", "PostgresBackend", "PostgresLease", "TransactionPoolingError", "key_id"]
 
@@ -202,6 +202,10 @@ class PostgresBackend:
             return
         with contextlib.suppress(Exception):
             pool = await entry.task
+            for conn in entry.take_idle(None):  # asyncpg's close waits for every connection
+                with contextlib.suppress(Exception):
+                    conn.keyedlock_mark_clean()
+                    await pool.release(conn)
             try:
                 await asyncio.wait_for(pool.close(), self.connect_timeout)
             except (asyncio.TimeoutError, Exception):
@@ -216,7 +220,9 @@ class PostgresBackend:
         if entry is None or entry.loop is not loop:
             if entry is not None:
                 entry.terminate()
-            entry = self._pool = _LoopPool(loop, self.pool_size, self._open_pool())
+            entry = self._pool = _LoopPool(
+                loop, self.pool_size, self._open_pool(), _idle_keep(self.lease)
+            )
         task = entry.task
         if task.done() and not task.cancelled() and task.exception() is None:
             return entry
@@ -322,6 +328,9 @@ class PostgresBackend:
             slots.free -= 1
         else:
             await slots.acquire(deadline)
+        conn = pool.pop_idle()
+        if conn is not None:
+            return conn
         try:
             return await pool.task.result().acquire()
         except BaseException as exc:
@@ -331,10 +340,13 @@ class PostgresBackend:
             raise
 
     async def _give_back(self, pool: _LoopPool, conn: Any, *, clean: bool) -> None:
-        """Return a connection to its pool (shielded by the caller or by being in cleanup)."""
+        """Free a connection (shielded by the caller or by being in cleanup): a clean one waits
+        for the next hold in the idle stack, any other goes back to asyncpg's pool (whose
+        reset unlocks everything)."""
         try:
             if clean:
-                conn.keyedlock_mark_clean()
+                pool.push_idle(conn)
+                return
             await pool.task.result().release(conn)
         except Exception:
             logger.debug("could not return a lock connection to the pool", exc_info=True)
@@ -377,21 +389,21 @@ class PostgresBackend:
     async def _lock_xact(
         self, conn: Any, lock_id: int, shared: bool, try_only: bool, deadline: float | None
     ) -> int:
-        """Transaction mode: simple-protocol statements only (pgbouncer, no pinned xmin)."""
+        """Transaction mode: BEGIN, the timeouts, the lock and the fence in one simple-protocol
+        round trip (pgbouncer: no prepared statements; no pinned xmin)."""
         asyncpg = _asyncpg()
-        lease_ms = 0 if self.lease is None else _ms(self.lease)
-        await conn.execute(xact_begin_sql(_lock_timeout_ms(deadline), lease_ms))
-        out = bytearray()
-
-        async def sink(chunk: bytes) -> None:
-            out.extend(chunk)
-
-        query = xact_lock_copy_query(self.fence_sequence, lock_id, wait=not try_only, shared=shared)
+        script = xact_lock_sql(
+            self.fence_sequence,
+            lock_id,
+            lock_timeout_ms=_lock_timeout_ms(deadline),
+            lease_ms=0 if self.lease is None else _ms(self.lease),
+            wait=not try_only,
+            shared=shared,
+        )
         try:
-            await conn.copy_from_query(query, output=sink)
+            value = (await copy_out_script(conn, script)).strip()
         except asyncpg.LockNotAvailableError as exc:
             raise LockTimeout("the key was not granted within the timeout") from exc
-        value = bytes(out).strip()
         if value == b"\\N":
             raise LockBusy("the key is held in another process")
         return int(value)
@@ -496,6 +508,22 @@ def _lock_connection_class() -> type[Any]:
 
         class LockConnection(asyncpg.Connection):  # type: ignore[misc,name-defined]
             _keyedlock_clean = False
+            _keyedlock_lease: PostgresLease | None = None
+            _keyedlock_listening = False
+
+            def keyedlock_hold(self, lease: PostgresLease | None) -> None:
+                """The lease this connection holds now (None: none), told if it closes. One
+                termination listener per connection: adding one per hold cost two
+                `inspect` calls."""
+                if not self._keyedlock_listening:
+                    self._keyedlock_listening = True
+                    self.add_termination_listener(self._keyedlock_closed)
+                self._keyedlock_lease = lease
+
+            def _keyedlock_closed(self, _conn: Any) -> None:
+                lease = self._keyedlock_lease
+                if lease is not None:
+                    lease._connection_closed()
 
             def keyedlock_mark_clean(self) -> None:
                 self._keyedlock_clean = True
@@ -557,16 +585,75 @@ def _expire(waiter: asyncio.Future[None]) -> None:
 
 
 class _LoopPool:
-    """One event loop's asyncpg pool (opening in `task`) and the FIFO slots bounding it."""
+    """One event loop's asyncpg pool (opening in `task`), the FIFO slots bounding it, and the
+    idle stack: clean connections kept out of asyncpg's pool for up to `keep` seconds, for the
+    next hold. asyncpg's release and acquire cost a hand-off three event-loop passes and a
+    task (its release is an `asyncio.shield`); past `keep` a connection goes back to asyncpg,
+    whose `max_inactive_connection_lifetime` closes it before the server's idle timeout."""
 
-    __slots__ = ("loop", "slots", "task")
+    __slots__ = ("idle", "keep", "loop", "releasing", "slots", "sweep", "task")
 
     def __init__(
-        self, loop: asyncio.AbstractEventLoop, size: int, opening: Coroutine[Any, Any, Any]
+        self,
+        loop: asyncio.AbstractEventLoop,
+        size: int,
+        opening: Coroutine[Any, Any, Any],
+        keep: float,
     ) -> None:
         self.loop = loop
         self.slots = _Slots(loop, size)
         self.task: asyncio.Task[Any] = loop.create_task(opening)
+        self.keep = keep
+        self.idle: list[tuple[float, Any]] = []  # (freed at, connection), oldest first
+        self.sweep: asyncio.TimerHandle | None = None
+        self.releasing: set[asyncio.Task[None]] = set()  # swept ones on their way back
+
+    def pop_idle(self) -> Any:
+        """The most recently freed live connection, or None; dead ones are dropped (asyncpg
+        already took them back when they closed)."""
+        idle = self.idle
+        while idle:
+            conn = idle.pop()[1]
+            if not is_closed(conn):
+                return conn
+            with contextlib.suppress(Exception):
+                conn.terminate()
+        return None
+
+    def push_idle(self, conn: Any) -> None:
+        self.idle.append((self.loop.time(), conn))
+        if self.sweep is None:
+            self.sweep = self.loop.call_later(self.keep, self._sweep)
+
+    def take_idle(self, older_than: float | None) -> list[Any]:
+        """Remove and return the idle connections freed before `older_than` (None: all)."""
+        idle = self.idle
+        count = len(idle)
+        if older_than is not None:
+            count = next((n for n, (at, _) in enumerate(idle) if at >= older_than), count)
+        taken = [conn for _, conn in idle[:count]]
+        del idle[:count]
+        if not idle and self.sweep is not None:
+            self.sweep.cancel()
+            self.sweep = None
+        return taken
+
+    def _sweep(self) -> None:
+        """Give connections idle longer than `keep` back to asyncpg's pool."""
+        self.sweep = None
+        for conn in self.take_idle(self.loop.time() - self.keep):
+            task = self.loop.create_task(self._release(conn))
+            self.releasing.add(task)
+            task.add_done_callback(self.releasing.discard)
+        if self.idle:
+            self.sweep = self.loop.call_at(self.idle[0][0] + self.keep, self._sweep)
+
+    async def _release(self, conn: Any) -> None:
+        try:
+            conn.keyedlock_mark_clean()
+            await self.task.result().release(conn)
+        except Exception:
+            logger.debug("could not return an idle lock connection to the pool", exc_info=True)
 
     def terminate(self) -> None:
         """Drop a pool that belongs to another (usually finished) event loop."""
@@ -574,6 +661,12 @@ class _LoopPool:
         if task.done() and not task.cancelled() and task.exception() is None:
             with contextlib.suppress(Exception):
                 task.result().terminate()
+
+
+def _idle_keep(lease: float | None) -> float:
+    """How long a freed connection waits in the idle stack: a second, or lease/8 if shorter
+    (it is out of asyncpg's idle-lifetime clock meanwhile; the server's clock is `lease`)."""
+    return 1.0 if lease is None else min(1.0, lease / 8)
 
 
 def _ms(seconds: float) -> int:
