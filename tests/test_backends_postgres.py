@@ -19,6 +19,7 @@ import anyio.lowlevel
 import pytest
 
 from keyedlock_asgi import BackendUnavailable, KeyedLock, LockBusy, LockTimeout
+from keyedlock_asgi.backends import _pg_wire
 from keyedlock_asgi.backends.postgres import LeaseLost, PostgresBackend, key_id
 from tests.support.engine_pgbouncer import ROUTES, routed_backend
 from tests.support.engine_postgres import PG_DSN, postgres_backend, require_postgres
@@ -383,6 +384,36 @@ async def test_transaction_mode_grants_in_the_message_that_opens_the_transaction
     assert held.token > 0
     assert await advisory_locks(pg, namespace) == []
     await close(lock)
+
+
+async def test_transaction_mode_without_asyncpgs_script_call_takes_two_round_trips(
+    pg: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The fallback of the one private asyncpg call (`_pg_wire`): BEGIN and the timeouts first,
+    then the lock and its fence as a public `copy_from_query`; the same hold, tokens and
+    release."""
+    monkeypatch.setattr(_pg_wire, "_SCRIPT_OUT", "_no_such_method")
+    namespace = new_namespace()
+    lock = KeyedLock(backend=postgres_backend(namespace, mode="transaction", lease=20.0))
+    other = KeyedLock(backend=postgres_backend(namespace, mode="transaction", lease=20.0))
+    tokens = []
+    for _ in range(2):
+        async with lock.hold("k", timeout=5.0) as held:
+            [query] = await pg.fetch(
+                "SELECT query FROM pg_stat_activity "
+                "WHERE application_name = $1 AND state = 'idle in transaction'",
+                f"keyedlock:{namespace}",
+            )
+            with pytest.raises(LockBusy):
+                async with other.hold("k", timeout=0):
+                    pass
+            tokens.append(held.token)
+    text = query["query"]
+    assert text.startswith("COPY (SELECT nextval("), text  # the second message of two
+    assert f"pg_advisory_xact_lock({key_id(namespace, 'k')})" in text
+    assert 0 < tokens[0] < tokens[1]
+    assert await advisory_locks(pg, namespace) == []
+    await close(lock, other)
 
 
 # -- max_concurrency ----------------------------------------------------------------------

@@ -88,14 +88,13 @@ def session_unlock_sql(*, shared: bool) -> str:
 
 def xact_lock_sql(
     sequence: str, lock: int, *, lock_timeout_ms: int, lease_ms: int, wait: bool, shared: bool
-) -> str:
-    """Open the lock's transaction, take the transaction lock and return the fence, in one
-    simple-protocol round trip: literals only (no portal, so an idle-in-transaction holder
-    does not pin `backend_xmin`; no prepared statement for a transaction pooler to misroute).
-
-    The `COPY ... TO STDOUT` is the only statement of the script that returns its row to
-    asyncpg: one line, the fence, or `\\N` when `wait` is false and the key is taken. The
-    fence is drawn in a subquery of the lock, so only once the lock is granted.
+) -> tuple[str, str]:
+    """Open the lock's transaction, take the transaction lock and return the fence: the
+    statements before, and the query whose one row is the fence (or NULL when `wait` is false
+    and the key is taken). Sent as one simple-protocol script ending in `COPY (query) TO
+    STDOUT` (`_pg_wire`): literals only (no portal, so an idle-in-transaction holder does not
+    pin `backend_xmin`; no prepared statement for a transaction pooler to misroute). The fence
+    is drawn in a subquery of the lock, so only once the lock is granted.
     """
     sql = f"BEGIN; SET LOCAL lock_timeout = {int(lock_timeout_ms)}; "
     if lease_ms:
@@ -111,4 +110,4 @@ def xact_lock_sql(
             f"SELECT CASE WHEN pg_try_advisory_xact_lock{mode}({int(lock)}) "
             f"THEN nextval('{sequence}') END"
         )
-    return f"{sql}COPY ({query}) TO STDOUT"
+    return sql, query

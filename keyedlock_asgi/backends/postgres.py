@@ -40,7 +40,7 @@ from ._pg_sql import (
     session_wait_sql,
     xact_lock_sql,
 )
-from ._pg_wire import copy_out_script
+from ._pg_wire import copy_out
 
 __all__ = ["LeaseLost", "PostgresBackend", "PostgresLease", "TransactionPoolingError", "key_id"]
 
@@ -392,7 +392,7 @@ class PostgresBackend:
         """Transaction mode: BEGIN, the timeouts, the lock and the fence in one simple-protocol
         round trip (pgbouncer: no prepared statements; no pinned xmin)."""
         asyncpg = _asyncpg()
-        script = xact_lock_sql(
+        statements, query = xact_lock_sql(
             self.fence_sequence,
             lock_id,
             lock_timeout_ms=_lock_timeout_ms(deadline),
@@ -401,7 +401,7 @@ class PostgresBackend:
             shared=shared,
         )
         try:
-            value = (await copy_out_script(conn, script)).strip()
+            value = (await copy_out(conn, statements, query)).strip()
         except asyncpg.LockNotAvailableError as exc:
             raise LockTimeout("the key was not granted within the timeout") from exc
         if value == b"\\N":
