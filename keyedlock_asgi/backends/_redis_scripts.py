@@ -24,6 +24,10 @@ waiter then holds the key without another round trip and renews the claim to a f
 Whatever happens to the message, the grant stands: the waiter's next ACQUIRE finds "already
 ours", its RELEASE (on timeout or cancellation) passes the key on, and if its process died the
 claim simply ends.
+In-process hand-off: when a hold ends and the key goes to the next caller of the same process,
+that caller's ACQUIRE carries the ended hold's token and releases it first, then goes on as any
+ACQUIRE (hand on to the waiters queued here, else take the key): one script, not RELEASE then
+ACQUIRE, and the same order across processes.
 Time always comes from the server (`TIME`), never from the clients, whose clocks may disagree.
 """
 
@@ -116,7 +120,9 @@ ACQUIRE = (
     _PRELUDE
     + """
 -- ARGV: token, lease ms, waiter ttl ms, meta ttl ms, channel prefix, max holders, may wait,
--- claim ms, publish command
+-- claim ms, publish command, and optionally the token of this process's hold that just ended
+-- on this key (passed on in-process to this caller): released first, so the waiters queued
+-- here go before this caller, as after a RELEASE.
 local token = ARGV[1]
 local lease = tonumber(ARGV[2])
 local waiter_ttl = tonumber(ARGV[3])
@@ -125,6 +131,10 @@ local prefix = ARGV[5]
 local slots = tonumber(ARGV[6])
 local may_wait = ARGV[7] == '1'
 local claim = tonumber(ARGV[8])
+local previous = ARGV[10]
+if previous and previous ~= '' and redis.call('ZREM', own, previous) == 1 then
+  redis.call('HDEL', meta, previous)
+end
 prune()
 hand_on(slots, claim, meta_ttl, prefix, ARGV[9], token)
 

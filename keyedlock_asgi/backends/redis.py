@@ -14,6 +14,9 @@ How one grant works (see `_redis_scripts` for the atomic steps):
   second round trip, and renews the claim to a full lease. A lost message is found by the
   fallback ACQUIRE ("already ours"); a waiter cancelled or timed out meanwhile passes the grant
   on with RELEASE; a waiter whose process died holds it until the claim ends.
+- In-process hand-off (`acquire_after`): when the in-process lock hands an ended hold's key to
+  the next caller of the same process, the lease goes along, and that caller's ACQUIRE releases
+  it before it grants or queues as usual: one round trip, not RELEASE then ACQUIRE.
 - A holder's lease is renewed every `lease / 3` while it holds, up to `max_hold` (a claim is
   renewed within a third of its length).
 - RELEASE (also used to leave the queue) removes the token and hands the key on; it runs
@@ -43,7 +46,7 @@ from urllib.parse import urlsplit
 import anyio
 
 from .._errors import BackendUnavailable, LockBusy, LockTimeout
-from . import LeaseLost, _redis_scripts
+from . import BackendLease, LeaseLost, _redis_scripts
 
 try:
     import redis.asyncio as aioredis
@@ -302,11 +305,8 @@ class RedisLease:
 
     async def release(self) -> None:
         """Give the key back (idempotent); a lease that was lost is still cleaned up."""
-        if self.released:
+        if not self._let_go():
             return
-        self.released = True
-        self._stop_renewal()
-        self._conn.leases.discard(self)
         backend = self._backend
         try:
             with anyio.CancelScope(shield=True):
@@ -322,6 +322,16 @@ class RedisLease:
                 "(within %.1f s)",
                 max(self._valid_until - monotonic(), 0.0),
             )
+
+    def _let_go(self) -> bool:
+        """Stop renewing and tracking the lease, before the script that frees it in Redis is
+        sent (a renewal racing that script would report a loss). False: already let go."""
+        if self.released:
+            return False
+        self.released = True
+        self._stop_renewal()
+        self._conn.leases.discard(self)
+        return True
 
     def _stop_renewal(self) -> None:
         if self._renewal is not None:
@@ -564,15 +574,54 @@ class RedisBackend:
         self, key: str, *, timeout: float | None, max_concurrency: int, shared: bool = False
     ) -> RedisLease:
         """Take `key` in Redis, FIFO across processes and modes; see `LockBackend.acquire`."""
-        conn = await self._connection()
+        return await self._acquire(key, timeout, max_concurrency, shared, None)
+
+    async def acquire_after(
+        self,
+        lease: BackendLease,
+        key: str,
+        *,
+        timeout: float | None,
+        max_concurrency: int,
+        shared: bool = False,
+    ) -> RedisLease:
+        """`acquire`, releasing `lease` (this process's hold on `key` that just ended) in the
+        same ACQUIRE script; see `HandOverBackend.acquire_after`."""
+        if not isinstance(lease, RedisLease) or lease._backend is not self:
+            await lease.release()  # not ours to pass on: the plain way
+            return await self._acquire(key, timeout, max_concurrency, shared, None)
+        return await self._acquire(key, timeout, max_concurrency, shared, lease)
+
+    async def _acquire(
+        self,
+        key: str,
+        timeout: float | None,
+        max_concurrency: int,
+        shared: bool,
+        previous: RedisLease | None,
+    ) -> RedisLease:
+        """`acquire`; `previous` (a lease of this process on `key`) is released by the first
+        ACQUIRE, or, if the caller gives up before that one answered, by its give-up RELEASE."""
+        keys = self.redis_keys(key)
+        try:
+            conn = await self._connection()
+            if conn.shards is not None and timeout != 0 and not conn.shards.listening(keys[0]):
+                await self._listen(conn, keys)
+        except BaseException:
+            if previous is not None:
+                await previous.release()  # shielded
+            raise
+        passed = ""  # the previous lease's token until an ACQUIRE carrying it has answered
+        if previous is not None:
+            if previous._conn is conn:
+                passed = previous._token_str if previous._let_go() else ""
+            else:  # a connection of another loop or process: it cannot ride on this one
+                await previous.release()
         loop = conn.loop
         # The mode travels in the token: the scripts read it from the `|s` suffix.
         token = f"{conn.proc_id}|{next(conn.counter)}{'|s' if shared else ''}"
-        keys = self.redis_keys(key)
         deadline = None if timeout is None else loop.time() + timeout
         may_wait = "0" if timeout == 0 else "1"
-        if conn.shards is not None and may_wait == "1" and not conn.shards.listening(keys[0]):
-            await self._listen(conn, keys)
         args: list[Any] = [
             token,
             self._lease_ms,
@@ -583,6 +632,7 @@ class RedisBackend:
             may_wait,
             self._claim_ms,
             conn.publish,
+            passed,
         ]
         waiters = conn.waiters
         valid_for = self.lease
@@ -592,6 +642,7 @@ class RedisBackend:
                 waiters[token] = future  # before the call: a wake-up can never come too early
                 sent_at = monotonic()
                 granted, fence, left_ms = await self._run(conn.acquire, keys, args, conn)
+                passed = args[9] = ""  # released by that call
                 if granted:
                     break
                 if may_wait == "0":
@@ -621,6 +672,8 @@ class RedisBackend:
         except BaseException:
             waiters.pop(token, None)
             await self._give_up(conn, keys, token, max_concurrency)
+            if passed:  # the ACQUIRE carrying it may not have run
+                await self._give_up(conn, keys, passed, max_concurrency)
             raise
         waiters.pop(token, None)
         return RedisLease(
