@@ -143,12 +143,12 @@ hand_on(slots, claim, meta_ttl, prefix, ARGV[9], token)
 if redis.call('ZSCORE', own, token) then
   redis.call('ZADD', own, now + lease, token)
   keep(lease)
-  return {1, redis.call('HGET', meta, token) or '0', 0}
+  return '1 ' .. (redis.call('HGET', meta, token) or '0') .. ' 0'
 end
 
 -- After hand_on, a non-empty queue has a head that does not fit: never overtake it.
 if redis.call('ZCARD', queue) == 0 and fits(token, slots) then
-  return {1, grant(token, lease, meta_ttl), 0}
+  return '1 ' .. grant(token, lease, meta_ttl) .. ' 0'
 end
 
 if may_wait then
@@ -166,7 +166,7 @@ end
 local first = redis.call('ZRANGE', own, 0, 0, 'WITHSCORES')
 local left = -1
 if first[2] then left = tonumber(first[2]) - now end
-return {0, redis.call('HGET', meta, 'fence') or '0', left}
+return '0 ' .. (redis.call('HGET', meta, 'fence') or '0') .. ' ' .. string.format('%d', left)
 """
 )
 

@@ -821,9 +821,11 @@ class RedisBackend:
             breaker.abandoned(probe)
             raise
         breaker.succeeded(probe)
-        if isinstance(result, list):
-            return int(result[0]), int(result[1]), int(result[2])
-        return int(result)
+        if type(result) is int:
+            return result
+        # ACQUIRE: "<granted> <fence> <ms left>", one string (cheaper to read than an array)
+        granted, fence, left = result.split()
+        return int(granted), int(fence), int(left)
 
     async def _listen(self, conn: _Connection, keys: list[str]) -> None:
         """On a cluster: be subscribed to this process's channel in the keys' slot."""
