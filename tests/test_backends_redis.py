@@ -919,3 +919,43 @@ async def test_a_lost_lease_passed_on_revokes_only_its_own_block(
     assert got["successor"].token > got["holder"].token
     assert not got["successor"]._leases[0].lost
     assert await leftovers(raw, namespace) == []
+
+
+async def test_a_successor_timing_out_behind_another_process_leaves_only_that_holder(
+    make_backend: Callable[..., RedisBackend], raw: Any, namespace: str
+) -> None:
+    """a1 leaves to a2 (same process) while c1 (another process) waits in Redis: a2's ACQUIRE
+    releases a1 and hands the key to c1, then a2 waits in Redis and runs out of time there.
+    It leaves the queue: Redis then knows c1 only, and a has nothing held or queued."""
+    a_side, c_side = make_backend(), make_backend()
+    a, c = KeyedLock(backend=a_side), KeyedLock(backend=c_side)
+    c_inside = anyio.Event()
+    c_leave = anyio.Event()
+
+    async def c1() -> None:
+        async with c.hold("k"):
+            c_inside.set()
+            await c_leave.wait()
+
+    async def a2() -> None:
+        with pytest.raises(LockTimeout):
+            async with a.hold("k", timeout=0.5):
+                pytest.fail("granted while another process held the key")
+
+    async with anyio.create_task_group() as tg:
+        async with a.hold("k"):
+            tg.start_soon(c1)
+            await wait_until(lambda: _eq(queue_length(raw, a_side, "k"), 1), "c1 queued")
+            tg.start_soon(a2)
+            await wait_until(lambda: a.waiting("k") == 1, "a2 queued in its process")
+        await c_inside.wait()
+        await wait_until(lambda: a.stats().active_keys == 0, "a2 timed out")
+        assert await queue_length(raw, a_side, "k") == 0
+        (only,) = await holders(raw, a_side, "k")
+        assert only.startswith(await _proc_id(c_side))
+        c_leave.set()
+    assert await leftovers(raw, namespace) == []
+
+
+async def _proc_id(backend: RedisBackend) -> str:
+    return str((await _conn(backend)).proc_id)
