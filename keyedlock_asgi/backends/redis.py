@@ -469,6 +469,11 @@ class RedisBackend:
         self._claim_ms = min(self._lease_ms, self._waiter_ttl_ms)
         self._claim = self._claim_ms / 1000
         self._meta_ttl_ms = int(key_ttl * 1000)
+        # ACQUIRE's constant arguments, encoded once (redis-py would on every call).
+        self._acquire_ms = [
+            b"%d" % ms for ms in (self._lease_ms, self._waiter_ttl_ms, self._meta_ttl_ms)
+        ]
+        self._claim_arg = b"%d" % self._claim_ms
         self._breaker = _Breaker(breaker_threshold, breaker_cooldown)
         self._conns: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Connection] = (
             weakref.WeakKeyDictionary()
@@ -624,13 +629,11 @@ class RedisBackend:
         may_wait = "0" if timeout == 0 else "1"
         args: list[Any] = [
             token,
-            self._lease_ms,
-            self._waiter_ttl_ms,
-            self._meta_ttl_ms,
+            *self._acquire_ms,
             conn.prefix_for(keys),
             max_concurrency,
             may_wait,
-            self._claim_ms,
+            self._claim_arg,
             conn.publish,
             passed,
         ]
