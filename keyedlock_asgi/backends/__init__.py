@@ -102,9 +102,9 @@ class HandOverBackend(LockBackend, Protocol):
         """`acquire(key, ...)` for the caller of this process that the in-process lock handed
         `key` to, releasing `lease` (the hold that ended, on the same key) in the same step.
 
-        `lease` blocks nobody in this process any more, only other processes, so it must be
-        released first in arrival order: callers queued in the engine go before the new one.
-        Whatever happens, including cancellation, `lease` is released (or left to expire if
-        the engine cannot be reached) once this returns or raises.
+        Release `lease` first, as `lease.release()` would: callers already queued in the
+        engine (other processes) go before this one, in arrival order. Whatever happens,
+        including cancellation, `lease` is released (or left to expire if the engine cannot be
+        reached) once this returns or raises.
         """
         ...

@@ -592,8 +592,8 @@ class RedisBackend:
     ) -> RedisLease:
         """`acquire`, releasing `lease` (this process's hold on `key` that just ended) in the
         same ACQUIRE script; see `HandOverBackend.acquire_after`."""
-        if not isinstance(lease, RedisLease) or lease._backend is not self:
-            await lease.release()  # not ours to pass on: the plain way
+        if not isinstance(lease, RedisLease) or lease._backend is not self or lease.key != key:
+            await lease.release()  # not a lease this script can release: the plain way
             return await self._acquire(key, timeout, max_concurrency, shared, None)
         return await self._acquire(key, timeout, max_concurrency, shared, lease)
 
@@ -806,7 +806,12 @@ class RedisBackend:
         breaker = conn.breaker_for(keys)
         probe = breaker.enter()
         try:
-            result = await script(keys=keys, args=args, client=conn.client)
+            try:  # EVALSHA itself: redis-py's Script call adds an import and two wrappers
+                result = await conn.client.execute_command(
+                    "EVALSHA", script.sha, len(keys), *keys, *args
+                )
+            except redis_errors.NoScriptError:  # a restarted or flushed server: load it again
+                result = await script(keys=keys, args=args, client=conn.client)
         except _POOL_FULL as exc:
             breaker.abandoned(probe)
             raise self._error(exc, breaker) from exc
