@@ -25,7 +25,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from dataclasses import dataclass
 from time import perf_counter
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Final, Literal, ParamSpec, TypeVar, final, overload
+from typing import TYPE_CHECKING, Any, Final, Literal, ParamSpec, TypeVar, cast, final, overload
 
 import anyio
 
@@ -49,7 +49,7 @@ from ._options import HoldKeywords, HoldOptions, OnError
 if TYPE_CHECKING:
     from typing_extensions import Unpack
 
-    from .backends import BackendLease, LeaseLost, LockBackend
+    from .backends import BackendLease, HandOverBackend, LeaseLost, LockBackend
 
 __all__ = ["Held", "KeyedLock", "LockStats", "OnBackendError", "mutex"]
 
@@ -137,6 +137,7 @@ class Held:
 
     __slots__ = (
         "_granted_at",
+        "_inherited",
         "_key",
         "_leases",
         "_limit",
@@ -164,6 +165,7 @@ class Held:
     _waited: float
     _granted_at: float  # perf_counter() at the grant, when observers are attached
     _leases: list[BackendLease | None]  # with a backend: the engine's holds
+    _inherited: BackendLease | None  # while taking a key: the lease the hold before left it
     _limit: anyio.CancelScope | None  # with `max_hold` or an engine: the scope that revokes it
     _lost: LeaseLost | None  # an engine lease lost while held
     _signal: Any  # while queued: the future or trio.Event it parks on
@@ -290,12 +292,58 @@ class Held:
         tb: TracebackType | None,
     ) -> None:
         if self._lock._backend is not None and self._state is not None:
-            await _release_leases(self._leases)
-        if self._release(exc):
+            expired = await self._release_through_engine(exc)
+        else:
+            expired = self._release(exc)
+        if expired:
             lost = self._lost
             if lost is not None:
                 raise HoldExpired(f"the engine lease of the hold was lost ({lost.reason})")
             raise HoldExpired(f"the hold outlived max_hold ({self._options.max_hold:g} s)")
+
+    async def _release_through_engine(self, error: BaseException | None) -> bool:
+        """`_release` for a hold with engine leases; what `_release` returns.
+
+        A key that the in-process release hands to the caller first in this process's queue
+        passes its lease on to that caller, whose engine acquire releases it in the same step
+        (`HandOverBackend`): the key stays held in the engine until then, so no other process
+        gets in between. The other leases are released (first, when no key is passed on).
+        """
+        leases = self._leases
+        heads = None
+        if hasattr(self._lock._backend, "acquire_after"):
+            heads = self._heads(leases)
+        if heads is None:
+            await _release_leases(leases)
+            return self._release(error)
+        unused: list[BackendLease | None] = []
+        try:
+            return self._release(error)  # no await since `_heads`: they were first just now
+        finally:
+            for lease, head in zip(leases, heads, strict=True):
+                if head is not None and head._outcome is GRANTED and lease is not None:
+                    lease.on_lost = None  # this block is over: nothing of it to revoke
+                    head._inherited = lease  # before it runs: it was only woken
+                else:
+                    unused.append(lease)
+            if unused:
+                await _release_leases(unused)
+
+    def _heads(self, leases: list[BackendLease | None]) -> list[Held | None] | None:
+        """Per key (and its lease): the caller first in this process's queue; None: nobody."""
+        state = self._state
+        assert state is not None
+        keys = (self._key,) if type(self._key) is str else self._key
+        heads: list[Held | None] = []
+        found = False
+        for key, lease in zip(keys, leases, strict=True):
+            entry = state.keys.get(key)
+            head = None
+            if lease is not None and type(entry) is KeyState and entry.queue:
+                head = entry.queue[0]
+                found = True
+            heads.append(head)
+        return heads if found else None
 
     def _try_enter(self) -> tuple[_LoopState, KeyState | None] | None:
         """Enter now if that is possible: None, and the hold is granted. Otherwise, with
@@ -467,6 +515,7 @@ class Held:
         leases: list[BackendLease | None] = []
         waited = False
         taken = 0
+        self._inherited = None
         try:
             for key in keys:
                 remaining = timeout if deadline is None else max(deadline - perf_counter(), 0.0)
@@ -492,6 +541,9 @@ class Held:
             if isinstance(error, LockTimeout):
                 error.retry_after = timeout  # the caller's whole budget, not what was left
             with anyio.CancelScope(shield=True):
+                if self._inherited is not None:  # handed a key, then cancelled before using it
+                    leases.append(self._inherited)
+                    self._inherited = None
                 await _release_leases(leases)
                 for key in keys[:taken]:
                     leave(table, key, self)
@@ -511,7 +563,17 @@ class Held:
         """The engine-level hold; None when the engine is down and the lock fails open."""
         lock = self._lock
         options = self._options
+        inherited = self._inherited
         try:
+            if inherited is not None:  # the hold before ours passed its lease on
+                self._inherited = None
+                return await cast("HandOverBackend", backend).acquire_after(
+                    inherited,
+                    key,
+                    timeout=timeout,
+                    max_concurrency=lock.max_concurrency,
+                    shared=options.shared,
+                )
             if options.shared:
                 return await backend.acquire(
                     key, timeout=timeout, max_concurrency=lock.max_concurrency, shared=True

@@ -22,6 +22,7 @@ from keyedlock_asgi._responses import rejection_for
 from keyedlock_asgi.backends import _redis_scripts
 from keyedlock_asgi.backends.redis import LeaseLost, RedisBackend
 from tests.support.engine_redis import REDIS_URL, require_redis
+from tests.support.lockwatch import Timeline
 from tests.support.server import free_port
 from tests.support.waiting import wait_until
 
@@ -745,3 +746,216 @@ async def test_a_late_hand_off_message_for_an_ended_claim_is_ignored(
     assert not got["b"].lost
     await got["b"].release()
     assert await leftovers(raw, namespace) == []
+
+
+# -- in-process hand-off: the lease goes to the next caller of the same process -------------
+
+
+def record_acquires(
+    monkeypatch: pytest.MonkeyPatch, backend: RedisBackend, log: list[tuple[str, str, str, Any]]
+) -> None:
+    """Log every script `backend` runs: its name, token, the ended hold's token it carries
+    (ACQUIRE's last argument), and its reply."""
+    run = backend._run
+
+    async def logged(script: Any, keys: list[str], args: list[Any], conn: Any) -> Any:
+        name = _script_name(script)
+        result = await run(script, keys, args, conn)
+        log.append((name, args[0], args[9] if name == "acquire" else "", result))
+        return result
+
+    monkeypatch.setattr(backend, "_run", logged)
+
+
+async def test_in_process_hand_off_is_one_acquire_that_releases_the_hold_before(
+    make_backend: Callable[..., RedisBackend],
+    raw: Any,
+    namespace: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """a1 leaves with a2 (same process) and c1 (another process, first in Redis) waiting:
+    a2's one ACQUIRE releases a1's lease, which hands the key to c1, and queues a2; c1 leaves
+    the same way to c2. No RELEASE runs for a1 or c1; arrival order holds across processes;
+    tokens rise; Redis never has two holders, nor one other than who is inside."""
+    a_side, c_side = make_backend(), make_backend()
+    a, c = KeyedLock(backend=a_side), KeyedLock(backend=c_side)
+    scripts: list[tuple[str, str, str, Any]] = []
+    record_acquires(monkeypatch, a_side, scripts)
+    record_acquires(monkeypatch, c_side, scripts)
+    timeline = Timeline()
+    tokens: dict[str, int] = {}
+    redis_tokens: dict[str, str] = {}
+    leave = anyio.Event()
+
+    async def user(lock: KeyedLock, name: str, task_status: Any) -> None:
+        async with lock.hold("k") as held:
+            timeline.enter("k", name)
+            tokens[name] = held.token
+            redis_tokens[name] = held._leases[0]._token_str  # type: ignore[union-attr]
+            task_status.started()
+            if name == "a1":
+                await leave.wait()
+            assert list(await holders(raw, a_side, "k")) == [redis_tokens[name]]
+            timeline.leave("k", name)
+
+    async with anyio.create_task_group() as tg:
+        await tg.start(user, a, "a1")
+        tg.start_soon(user, c, "c1", anyio.TASK_STATUS_IGNORED)
+        await wait_until(lambda: _eq(queue_length(raw, a_side, "k"), 1), "c1 queued")
+        tg.start_soon(user, a, "a2", anyio.TASK_STATUS_IGNORED)
+        await wait_until(lambda: a.waiting("k") == 1, "a2 queued in its process")
+        tg.start_soon(user, c, "c2", anyio.TASK_STATUS_IGNORED)
+        await wait_until(lambda: c.waiting("k") == 1, "c2 queued in its process")
+        leave.set()
+    assert timeline.entries() == ["a1", "c1", "a2", "c2"]
+    assert timeline.most["k"] == 1
+    assert [tokens[name] for name in ("a1", "c1", "a2", "c2")] == sorted(set(tokens.values()))
+    a1, c1, a2, c2 = (redis_tokens[name] for name in ("a1", "c1", "a2", "c2"))
+    acquires = [(token, passed) for name, token, passed, _ in scripts if name == "acquire"]
+    assert acquires == [(a1, ""), (c1, ""), (a2, a1), (c2, c1)]
+    releases = [(token, result) for name, token, _, result in scripts if name == "release"]
+    assert releases == [(a2, 1), (c2, 1)]  # nobody of their process waited
+    assert await leftovers(raw, namespace) == []
+
+
+@pytest.mark.parametrize("when", ["before", "after"])
+async def test_a_successor_cancelled_during_its_acquire_leaves_nothing_held(
+    make_backend: Callable[..., RedisBackend],
+    raw: Any,
+    namespace: str,
+    monkeypatch: pytest.MonkeyPatch,
+    when: str,
+) -> None:
+    """The caller handed the key in-process is cancelled while the ACQUIRE that releases the
+    ended hold's lease is on its way: `before` it ran in Redis, or `after` it ran (and granted
+    the key) but before its reply is used. Either way its give-up releases both tokens, so
+    another process gets the key at once, with a larger token."""
+    side = make_backend()
+    lock = KeyedLock(backend=side)
+    other = KeyedLock(backend=make_backend())
+    run = side._run
+    doomed = anyio.CancelScope()
+    scripts: list[tuple[str, Any]] = []
+
+    async def racing(script: Any, keys: list[str], args: list[Any], conn: Any) -> Any:
+        if _script_name(script) == "acquire" and args[9]:
+            if when == "after":
+                scripts.append(("acquire", await run(script, keys, args, conn)))
+            doomed.cancel()
+            await anyio.lowlevel.checkpoint()  # the cancellation lands here
+        result = await run(script, keys, args, conn)
+        scripts.append((_script_name(script), result))
+        return result
+
+    async def successor() -> None:
+        with doomed:
+            async with lock.hold("k"):
+                pytest.fail("entered although cancelled before its grant was known")
+
+    async with anyio.create_task_group() as tg, lock.hold("k") as first:
+        tg.start_soon(successor)
+        await wait_until(lambda: lock.waiting("k") == 1, "successor queued")
+        monkeypatch.setattr(side, "_run", racing)
+    assert doomed.cancelled_caught
+    # Its give-up releases its own token, then the ended hold's: one of them was still held.
+    if when == "before":
+        assert scripts == [("release", 0), ("release", 1)]
+    else:
+        assert [name for name, _ in scripts] == ["acquire", "release", "release"]
+        assert scripts[0][1][0] == 1  # it had been granted the key
+        assert scripts[1:] == [("release", 1), ("release", 0)]
+    assert lock.stats().active_keys == 0
+    async with other.hold("k", timeout=0) as held:
+        assert held.token > first.token
+    assert await leftovers(raw, namespace) == []
+
+
+async def test_a_lost_lease_passed_on_revokes_only_its_own_block(
+    make_backend: Callable[..., RedisBackend], raw: Any, namespace: str
+) -> None:
+    """The holder's lease is lost (its entry gone from Redis): its block is revoked and leaving
+    raises HoldExpired. The lease still travels to the caller next in line, whose ACQUIRE finds
+    it gone and takes a fresh grant: that block runs to its end, its own lease intact, and the
+    loss is reported once, for the holder's token only."""
+    lost: list[LeaseLost] = []
+    backend = make_backend(on_lease_lost=lost.append)
+    lock = KeyedLock(backend=backend, max_hold=60)  # a revocable hold
+    timeline = Timeline()
+    entered = anyio.Event()
+    got: dict[str, Any] = {}
+
+    async def hold_until_revoked() -> None:
+        async with lock.hold("k") as held:
+            timeline.enter("k", "holder")
+            got["holder"] = held
+            entered.set()
+            try:
+                await anyio.sleep_forever()
+            finally:
+                timeline.leave("k", "holder")
+
+    async def holder() -> None:
+        with pytest.raises(HoldExpired, match="lease"):
+            await hold_until_revoked()
+
+    async def successor() -> None:
+        async with lock.hold("k") as held:
+            timeline.enter("k", "successor")
+            got["successor"] = held
+            await anyio.lowlevel.checkpoint()
+            timeline.leave("k", "successor")
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(holder)
+        await entered.wait()
+        tg.start_soon(successor)
+        await wait_until(lambda: lock.waiting("k") == 1, "successor queued")
+        lease = got["holder"]._leases[0]
+        await raw.zrem(backend.redis_keys("k")[0], lease._token_str)  # as if it had expired
+        await lease._renew()  # the next renewal finds it gone
+    assert timeline.entries() == ["holder", "successor"]
+    assert timeline.most["k"] == 1
+    assert [event.token for event in lost] == [got["holder"].token]
+    assert got["successor"].token > got["holder"].token
+    assert not got["successor"]._leases[0].lost
+    assert await leftovers(raw, namespace) == []
+
+
+async def test_a_successor_timing_out_behind_another_process_leaves_only_that_holder(
+    make_backend: Callable[..., RedisBackend], raw: Any, namespace: str
+) -> None:
+    """a1 leaves to a2 (same process) while c1 (another process) waits in Redis: a2's ACQUIRE
+    releases a1 and hands the key to c1, then a2 waits in Redis and runs out of time there.
+    It leaves the queue: Redis then knows c1 only, and a has nothing held or queued."""
+    a_side, c_side = make_backend(), make_backend()
+    a, c = KeyedLock(backend=a_side), KeyedLock(backend=c_side)
+    c_inside = anyio.Event()
+    c_leave = anyio.Event()
+
+    async def c1() -> None:
+        async with c.hold("k"):
+            c_inside.set()
+            await c_leave.wait()
+
+    async def a2() -> None:
+        with pytest.raises(LockTimeout):
+            async with a.hold("k", timeout=0.5):
+                pytest.fail("granted while another process held the key")
+
+    async with anyio.create_task_group() as tg:
+        async with a.hold("k"):
+            tg.start_soon(c1)
+            await wait_until(lambda: _eq(queue_length(raw, a_side, "k"), 1), "c1 queued")
+            tg.start_soon(a2)
+            await wait_until(lambda: a.waiting("k") == 1, "a2 queued in its process")
+        await c_inside.wait()
+        await wait_until(lambda: a.stats().active_keys == 0, "a2 timed out")
+        assert await queue_length(raw, a_side, "k") == 0
+        (only,) = await holders(raw, a_side, "k")
+        assert only.startswith(await _proc_id(c_side))
+        c_leave.set()
+    assert await leftovers(raw, namespace) == []
+
+
+async def _proc_id(backend: RedisBackend) -> str:
+    return str((await _conn(backend)).proc_id)

@@ -232,6 +232,40 @@ async def test_waiter_cancelled_at_hand_off_passes_the_key_on(
     assert lock.stats() == IDLE
 
 
+@pytest.mark.parametrize("timeout", [None, 60.0], ids=["no-deadline", "deadline"])
+async def test_a_successor_cancelled_as_it_is_handed_the_key_leaves_it_free(
+    make_lock: MakeLock, timeout: float | None
+) -> None:
+    """The holder leaves and the caller next in line, handed the key that very moment, is
+    cancelled before it could run: nothing stays held, in the process nor in the engine (an
+    engine lease passed on to that caller is given back), so the key is free at once."""
+    lock = make_lock()
+    timeline = Timeline()
+    holder = lock.hold("k")
+    await holder.__aenter__()
+    timeline.enter("k", "holder")
+    doomed = anyio.CancelScope()
+
+    async def successor() -> None:
+        with doomed:
+            async with lock.hold("k", timeout=timeout):
+                timeline.enter("k", "successor")
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(successor)
+        await wait_until(lambda: lock.waiting("k") == 1, 'lock.waiting("k") == 1')
+        timeline.leave("k", "holder")
+        await holder.__aexit__(None, None, None)
+        doomed.cancel()  # no checkpoint since the hand-off: the successor has not run
+    assert doomed.cancelled_caught
+    async with lock.hold("k", timeout=0) as held:
+        timeline.enter("k", "next")
+        assert held.token > holder.token
+        timeline.leave("k", "next")
+    assert timeline.entries() == ["holder", "next"]
+    assert lock.stats() == IDLE
+
+
 async def test_cancelled_holder_releases(make_lock: MakeLock) -> None:
     lock = make_lock()
     timeline = Timeline()

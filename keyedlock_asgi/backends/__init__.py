@@ -4,6 +4,10 @@
 (level 2), so a process has at most one engine-level waiter per key. A backend therefore only
 ever sees one caller at a time per key from each `KeyedLock`, and never multi-key requests:
 the core takes several keys one by one in sorted order, which keeps them deadlock-free.
+
+An engine may also implement `HandOverBackend`: then a lease whose key the in-process release
+hands to the next caller of the same process travels to that caller, and one engine step
+releases it and takes the key for the caller (one round trip per local hand-off, not two).
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal, Protocol, runtime_checkable
 
-__all__ = ["BackendLease", "LeaseLost", "LeaseLostReason", "LockBackend"]
+__all__ = ["BackendLease", "HandOverBackend", "LeaseLost", "LeaseLostReason", "LockBackend"]
 
 LeaseLostReason = Literal["expired", "max_hold", "unreachable", "connection_lost"]
 
@@ -78,4 +82,29 @@ class LockBackend(Protocol):
 
     async def aclose(self) -> None:
         """Close connections and background tasks; holds still open are released first."""
+        ...
+
+
+@runtime_checkable
+class HandOverBackend(LockBackend, Protocol):
+    """A lock engine that takes a key for a caller and releases the previous holder's lease in
+    one step (optional: without it, the core releases the lease when the hold ends)."""
+
+    async def acquire_after(
+        self,
+        lease: BackendLease,
+        key: str,
+        *,
+        timeout: float | None,
+        max_concurrency: int,
+        shared: bool = False,
+    ) -> BackendLease:
+        """`acquire(key, ...)` for the caller of this process that the in-process lock handed
+        `key` to, releasing `lease` (the hold that ended, on the same key) in the same step.
+
+        Release `lease` first, as `lease.release()` would: callers already queued in the
+        engine (other processes) go before this one, in arrival order. Whatever happens,
+        including cancellation, `lease` is released (or left to expire if the engine cannot be
+        reached) once this returns or raises.
+        """
         ...

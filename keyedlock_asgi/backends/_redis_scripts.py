@@ -24,6 +24,10 @@ waiter then holds the key without another round trip and renews the claim to a f
 Whatever happens to the message, the grant stands: the waiter's next ACQUIRE finds "already
 ours", its RELEASE (on timeout or cancellation) passes the key on, and if its process died the
 claim simply ends.
+In-process hand-off: when a hold ends and the key goes to the next caller of the same process,
+that caller's ACQUIRE carries the ended hold's token and releases it first, then goes on as any
+ACQUIRE (hand on to the waiters queued here, else take the key): one script, not RELEASE then
+ACQUIRE, and the same order across processes.
 Time always comes from the server (`TIME`), never from the clients, whose clocks may disagree.
 """
 
@@ -116,7 +120,9 @@ ACQUIRE = (
     _PRELUDE
     + """
 -- ARGV: token, lease ms, waiter ttl ms, meta ttl ms, channel prefix, max holders, may wait,
--- claim ms, publish command
+-- claim ms, publish command, and optionally the token of this process's hold that just ended
+-- on this key (passed on in-process to this caller): released first, so the waiters queued
+-- here go before this caller, as after a RELEASE.
 local token = ARGV[1]
 local lease = tonumber(ARGV[2])
 local waiter_ttl = tonumber(ARGV[3])
@@ -125,6 +131,10 @@ local prefix = ARGV[5]
 local slots = tonumber(ARGV[6])
 local may_wait = ARGV[7] == '1'
 local claim = tonumber(ARGV[8])
+local previous = ARGV[10]
+if previous and previous ~= '' and redis.call('ZREM', own, previous) == 1 then
+  redis.call('HDEL', meta, previous)
+end
 prune()
 hand_on(slots, claim, meta_ttl, prefix, ARGV[9], token)
 
@@ -133,12 +143,12 @@ hand_on(slots, claim, meta_ttl, prefix, ARGV[9], token)
 if redis.call('ZSCORE', own, token) then
   redis.call('ZADD', own, now + lease, token)
   keep(lease)
-  return {1, redis.call('HGET', meta, token) or '0', 0}
+  return '1 ' .. (redis.call('HGET', meta, token) or '0') .. ' 0'
 end
 
 -- After hand_on, a non-empty queue has a head that does not fit: never overtake it.
 if redis.call('ZCARD', queue) == 0 and fits(token, slots) then
-  return {1, grant(token, lease, meta_ttl), 0}
+  return '1 ' .. grant(token, lease, meta_ttl) .. ' 0'
 end
 
 if may_wait then
@@ -156,7 +166,7 @@ end
 local first = redis.call('ZRANGE', own, 0, 0, 'WITHSCORES')
 local left = -1
 if first[2] then left = tonumber(first[2]) - now end
-return {0, redis.call('HGET', meta, 'fence') or '0', left}
+return '0 ' .. (redis.call('HGET', meta, 'fence') or '0') .. ' ' .. string.format('%d', left)
 """
 )
 

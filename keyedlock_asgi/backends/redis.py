@@ -14,6 +14,9 @@ How one grant works (see `_redis_scripts` for the atomic steps):
   second round trip, and renews the claim to a full lease. A lost message is found by the
   fallback ACQUIRE ("already ours"); a waiter cancelled or timed out meanwhile passes the grant
   on with RELEASE; a waiter whose process died holds it until the claim ends.
+- In-process hand-off (`acquire_after`): when the in-process lock hands an ended hold's key to
+  the next caller of the same process, the lease goes along, and that caller's ACQUIRE releases
+  it before it grants or queues as usual: one round trip, not RELEASE then ACQUIRE.
 - A holder's lease is renewed every `lease / 3` while it holds, up to `max_hold` (a claim is
   renewed within a third of its length).
 - RELEASE (also used to leave the queue) removes the token and hands the key on; it runs
@@ -43,7 +46,7 @@ from urllib.parse import urlsplit
 import anyio
 
 from .._errors import BackendUnavailable, LockBusy, LockTimeout
-from . import LeaseLost, _redis_scripts
+from . import BackendLease, LeaseLost, _redis_scripts
 
 try:
     import redis.asyncio as aioredis
@@ -302,11 +305,8 @@ class RedisLease:
 
     async def release(self) -> None:
         """Give the key back (idempotent); a lease that was lost is still cleaned up."""
-        if self.released:
+        if not self._let_go():
             return
-        self.released = True
-        self._stop_renewal()
-        self._conn.leases.discard(self)
         backend = self._backend
         try:
             with anyio.CancelScope(shield=True):
@@ -322,6 +322,16 @@ class RedisLease:
                 "(within %.1f s)",
                 max(self._valid_until - monotonic(), 0.0),
             )
+
+    def _let_go(self) -> bool:
+        """Stop renewing and tracking the lease, before the script that frees it in Redis is
+        sent (a renewal racing that script would report a loss). False: already let go."""
+        if self.released:
+            return False
+        self.released = True
+        self._stop_renewal()
+        self._conn.leases.discard(self)
+        return True
 
     def _stop_renewal(self) -> None:
         if self._renewal is not None:
@@ -459,6 +469,11 @@ class RedisBackend:
         self._claim_ms = min(self._lease_ms, self._waiter_ttl_ms)
         self._claim = self._claim_ms / 1000
         self._meta_ttl_ms = int(key_ttl * 1000)
+        # ACQUIRE's constant arguments, encoded once (redis-py would on every call).
+        self._acquire_ms = [
+            b"%d" % ms for ms in (self._lease_ms, self._waiter_ttl_ms, self._meta_ttl_ms)
+        ]
+        self._claim_arg = b"%d" % self._claim_ms
         self._breaker = _Breaker(breaker_threshold, breaker_cooldown)
         self._conns: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Connection] = (
             weakref.WeakKeyDictionary()
@@ -564,25 +579,63 @@ class RedisBackend:
         self, key: str, *, timeout: float | None, max_concurrency: int, shared: bool = False
     ) -> RedisLease:
         """Take `key` in Redis, FIFO across processes and modes; see `LockBackend.acquire`."""
-        conn = await self._connection()
+        return await self._acquire(key, timeout, max_concurrency, shared, None)
+
+    async def acquire_after(
+        self,
+        lease: BackendLease,
+        key: str,
+        *,
+        timeout: float | None,
+        max_concurrency: int,
+        shared: bool = False,
+    ) -> RedisLease:
+        """`acquire`, releasing `lease` (this process's hold on `key` that just ended) in the
+        same ACQUIRE script; see `HandOverBackend.acquire_after`."""
+        if not isinstance(lease, RedisLease) or lease._backend is not self or lease.key != key:
+            await lease.release()  # not a lease this script can release: the plain way
+            return await self._acquire(key, timeout, max_concurrency, shared, None)
+        return await self._acquire(key, timeout, max_concurrency, shared, lease)
+
+    async def _acquire(
+        self,
+        key: str,
+        timeout: float | None,
+        max_concurrency: int,
+        shared: bool,
+        previous: RedisLease | None,
+    ) -> RedisLease:
+        """`acquire`; `previous` (a lease of this process on `key`) is released by the first
+        ACQUIRE, or, if the caller gives up before that one answered, by its give-up RELEASE."""
+        keys = self.redis_keys(key)
+        try:
+            conn = await self._connection()
+            if conn.shards is not None and timeout != 0 and not conn.shards.listening(keys[0]):
+                await self._listen(conn, keys)
+        except BaseException:
+            if previous is not None:
+                await previous.release()  # shielded
+            raise
+        passed = ""  # the previous lease's token until an ACQUIRE carrying it has answered
+        if previous is not None:
+            if previous._conn is conn:
+                passed = previous._token_str if previous._let_go() else ""
+            else:  # a connection of another loop or process: it cannot ride on this one
+                await previous.release()
         loop = conn.loop
         # The mode travels in the token: the scripts read it from the `|s` suffix.
         token = f"{conn.proc_id}|{next(conn.counter)}{'|s' if shared else ''}"
-        keys = self.redis_keys(key)
         deadline = None if timeout is None else loop.time() + timeout
         may_wait = "0" if timeout == 0 else "1"
-        if conn.shards is not None and may_wait == "1" and not conn.shards.listening(keys[0]):
-            await self._listen(conn, keys)
         args: list[Any] = [
             token,
-            self._lease_ms,
-            self._waiter_ttl_ms,
-            self._meta_ttl_ms,
+            *self._acquire_ms,
             conn.prefix_for(keys),
             max_concurrency,
             may_wait,
-            self._claim_ms,
+            self._claim_arg,
             conn.publish,
+            passed,
         ]
         waiters = conn.waiters
         valid_for = self.lease
@@ -592,6 +645,7 @@ class RedisBackend:
                 waiters[token] = future  # before the call: a wake-up can never come too early
                 sent_at = monotonic()
                 granted, fence, left_ms = await self._run(conn.acquire, keys, args, conn)
+                passed = args[9] = ""  # released by that call
                 if granted:
                     break
                 if may_wait == "0":
@@ -621,6 +675,8 @@ class RedisBackend:
         except BaseException:
             waiters.pop(token, None)
             await self._give_up(conn, keys, token, max_concurrency)
+            if passed:  # the ACQUIRE carrying it may not have run
+                await self._give_up(conn, keys, passed, max_concurrency)
             raise
         waiters.pop(token, None)
         return RedisLease(
@@ -750,7 +806,12 @@ class RedisBackend:
         breaker = conn.breaker_for(keys)
         probe = breaker.enter()
         try:
-            result = await script(keys=keys, args=args, client=conn.client)
+            try:  # EVALSHA itself: redis-py's Script call adds an import and two wrappers
+                result = await conn.client.execute_command(
+                    "EVALSHA", script.sha, len(keys), *keys, *args
+                )
+            except redis_errors.NoScriptError:  # a restarted or flushed server: load it again
+                result = await script(keys=keys, args=args, client=conn.client)
         except _POOL_FULL as exc:
             breaker.abandoned(probe)
             raise self._error(exc, breaker) from exc
@@ -768,9 +829,11 @@ class RedisBackend:
             breaker.abandoned(probe)
             raise
         breaker.succeeded(probe)
-        if isinstance(result, list):
-            return int(result[0]), int(result[1]), int(result[2])
-        return int(result)
+        if type(result) is int:
+            return result
+        # ACQUIRE: "<granted> <fence> <ms left>", one string (cheaper to read than an array)
+        granted, fence, left = result.split()
+        return int(granted), int(fence), int(left)
 
     async def _listen(self, conn: _Connection, keys: list[str]) -> None:
         """On a cluster: be subscribed to this process's channel in the keys' slot."""
