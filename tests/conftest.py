@@ -21,11 +21,18 @@ def anyio_backend(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
 
+class ServiceMissing(Exception):
+    """A service the tests need did not answer, and KEYEDLOCK_REQUIRE_SERVICES=1 (CI) requires
+    every one. An ordinary exception, not `pytest.fail`: raised inside a task group it fails
+    the test like any error, where pytest's own outcome exception ends the whole run in an
+    internal error."""
+
+
 def service_missing(name: str, reason: str) -> None:
     """A test needs a service that does not answer: fail in CI, skip elsewhere."""
     message = f"{name} is not reachable ({reason})"
     if REQUIRE_SERVICES:
-        pytest.fail(f"{message}; KEYEDLOCK_REQUIRE_SERVICES=1 makes this a failure")
+        raise ServiceMissing(f"{message}; KEYEDLOCK_REQUIRE_SERVICES=1 makes this a failure")
     pytest.skip(f"{message}; start it to run these tests")
 
 
