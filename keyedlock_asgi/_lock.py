@@ -21,7 +21,7 @@ import inspect
 import itertools
 import logging
 import weakref
-from collections.abc import Awaitable, Callable, Coroutine, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from time import perf_counter
 from types import TracebackType
@@ -224,28 +224,28 @@ class Held:
     async def __aenter__(self) -> Held:
         waiting = self._try_enter()  # `_acquire`, spelled out: this is the hot path
         if waiting is not None:
-            await self._entry(*waiting)
+            state, queue = waiting
+            if queue is not None:
+                await self._wait(state, self._key, queue, self._options.timeout, True)  # type: ignore[arg-type]
+            else:
+                await self._enter_each(state)
         if self._options.max_hold is not None:
             self._start_limit()  # a cancel scope: the block must end in the task it began in
         return self
 
     async def _acquire(self) -> None:
         """`__aenter__` without starting `max_hold`'s limit: for a caller that waits inside a
-        task group of its own and enters the limit after leaving it (the middleware)."""
+        task group of its own and enters the limit after leaving it (the middleware).
+
+        When `_try_enter` cannot grant at once: the wait in the key's queue (one key), or
+        taking each key (several keys, a backend)."""
         waiting = self._try_enter()
         if waiting is not None:
-            await self._entry(*waiting)
-
-    def _entry(self, state: _LoopState, queue: KeyState | None) -> Coroutine[Any, Any, None]:
-        """What entering awaits when `_try_enter` could not grant at once: the wait in the
-        key's queue (one key), or taking each key (several keys, a backend).
-
-        A plain function returning the coroutine, not a coroutine awaiting it: a waiter is
-        resumed through every coroutine it awaits in, so one fewer is cheaper per hand-off.
-        """
-        if queue is None:
-            return self._enter_each(state)
-        return self._wait(state, self._key, queue, self._options.timeout, True)  # type: ignore[arg-type]
+            state, queue = waiting
+            if queue is not None:
+                await self._wait(state, self._key, queue, self._options.timeout, True)  # type: ignore[arg-type]
+            else:
+                await self._enter_each(state)
 
     async def _enter_each(self, state: _LoopState) -> None:
         """Several keys, or a backend: take each key (`_acquire_all`), then report it."""
@@ -880,7 +880,7 @@ class KeyedLock:
         `_try_enter` (where the cache hit is checked inline)."""
         state = self._states.get(loop)
         if state is None:
-            state = self._new_state(loop, loop.create_future, True)
+            state = self._new_state(loop, asyncio.Future, True)
         self._cache = (loop, state)
         return state
 

@@ -107,6 +107,37 @@ def test_one_lock_serves_successive_event_loops() -> None:
     ]
 
 
+def test_a_finished_event_loop_leaves_nothing_behind() -> None:
+    """The lock keeps each loop's table weakly: a finished loop, and its table, are freed (the
+    last one seen stays cached until the next). A table that refers to its loop (a bound
+    `loop.create_future`) kept every loop a long-lived lock ever ran on."""
+    lock = KeyedLock()
+
+    async def contend() -> None:
+        entered, leave = anyio.Event(), anyio.Event()
+
+        async def holder() -> None:
+            async with lock.hold("k"):
+                entered.set()
+                await leave.wait()
+
+        async def waiter() -> None:
+            async with lock.hold("k"):
+                pass
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(holder)
+            await entered.wait()
+            tg.start_soon(waiter)
+            await wait_until(lambda: lock.waiting("k") == 1, 'lock.waiting("k") == 1')
+            leave.set()
+
+    for backend in ("asyncio", "trio", "asyncio", "asyncio", "trio"):
+        anyio.run(contend, backend=backend)
+    gc.collect()
+    assert len(lock._states) == 1  # the trio run seen last, in the cache
+
+
 def test_state_outside_an_event_loop_is_idle() -> None:
     lock = KeyedLock()
     assert lock.stats() == IDLE
