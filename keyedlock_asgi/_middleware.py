@@ -12,7 +12,6 @@ awaitable, with no coroutine of ours in between.
 from __future__ import annotations
 
 import inspect
-import logging
 from collections.abc import Awaitable, Callable, Iterable
 from time import perf_counter
 from types import FunctionType
@@ -28,6 +27,8 @@ from ._responses import (
     INVALID_KEY,
     MISSING_KEY,
     Rejection,
+    ResponseStart,
+    log_revoked,
     rejection_for,
     send_rejection,
 )
@@ -39,7 +40,6 @@ from ._watcher import DEFAULT_MAX_BUFFERED_BODY, Watcher, enter_watching
 
 __all__ = ["BusyResponse", "KeyedLockMiddleware"]
 
-logger = logging.getLogger("keyedlock_asgi")
 
 BusyResponse: TypeAlias = Callable[[Scope, Rejection], "ASGIApp | Awaitable[ASGIApp | None] | None"]
 """`busy_response(scope, rejection)`: an ASGI app (a Starlette `Response` works) that answers the
@@ -253,7 +253,7 @@ class KeyedLockMiddleware:
         records, ours = record(scope, held)
         hooks = self.hooks
         started = perf_counter() if hooks.on_released is not None else 0.0
-        response = _ResponseStart(send) if held._revocable else None
+        response = ResponseStart(send) if held._revocable else None
         error: BaseException | None = None
         try:
             try:
@@ -276,12 +276,9 @@ class KeyedLockMiddleware:
                 if held in records:
                     records.remove(held)
         except HoldExpired as expired:
-            logger.warning(
-                "a request's hold was revoked (%s) and the request cancelled%s",
-                expired,
-                "" if response is None or not response.started else "; response cut off",
-            )
-            if response is None or response.started:
+            cut_off = response is None or response.started
+            log_revoked(expired, cut_off)
+            if cut_off:
                 raise
             await send_rejection(send, rejection_for(expired))
         else:
@@ -320,21 +317,6 @@ class KeyedLockMiddleware:
                 await answer(scope, receive, send)
                 return
         await send_rejection(send, rejection)
-
-
-class _ResponseStart:
-    """Notes whether the response has started (its headers went out)."""
-
-    __slots__ = ("_send", "started")
-
-    def __init__(self, send: Send) -> None:
-        self._send = send
-        self.started = False
-
-    async def send(self, message: Message) -> None:
-        if message["type"] == "http.response.start":
-            self.started = True
-        await self._send(message)
 
 
 def _with_server_timing(send: Send, waited: float) -> Send:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 from dataclasses import dataclass
 
@@ -16,9 +17,11 @@ from ._errors import (
     LockTimeout,
     QueueFull,
 )
-from ._types import Send
+from ._types import Message, Send
 
-__all__ = ["Rejection", "rejection_for", "send_rejection"]
+__all__ = ["ResponseStart", "Rejection", "log_revoked", "rejection_for", "send_rejection"]
+
+logger = logging.getLogger("keyedlock_asgi")
 
 
 @dataclass(frozen=True)
@@ -105,3 +108,28 @@ async def send_rejection(send: Send, rejection: Rejection) -> None:
         {"type": "http.response.start", "status": rejection.status, "headers": rejection.headers()}
     )
     await send({"type": "http.response.body", "body": rejection.body(), "more_body": False})
+
+
+class ResponseStart:
+    """An ASGI `send` that notes whether the response has started (its headers went out): a
+    revoked hold is answered 503 before that, and cut off after."""
+
+    __slots__ = ("_send", "started")
+
+    def __init__(self, send: Send) -> None:
+        self._send = send
+        self.started = False
+
+    async def send(self, message: Message) -> None:
+        if message["type"] == "http.response.start":
+            self.started = True
+        await self._send(message)
+
+
+def log_revoked(expired: HoldExpired, cut_off: bool) -> None:
+    """The warning every HTTP layer logs for a hold revoked under a running request."""
+    logger.warning(
+        "a request's hold was revoked (%s) and the request cancelled%s",
+        expired,
+        "; response cut off" if cut_off else "",
+    )

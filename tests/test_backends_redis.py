@@ -16,6 +16,8 @@ from typing import Any
 import anyio
 import anyio.lowlevel
 import pytest
+from starlette.requests import Request
+from starlette.responses import Response
 
 from keyedlock_asgi import BackendUnavailable, HoldExpired, KeyedLock, LockBusy, LockTimeout
 from keyedlock_asgi._responses import rejection_for
@@ -23,6 +25,8 @@ from keyedlock_asgi.backends import _redis_scripts
 from keyedlock_asgi.backends.redis import LeaseLost, RedisBackend
 from tests.support.engine_redis import REDIS_URL, require_redis
 from tests.support.lockwatch import Timeline
+from tests.support.route_guard import FORMS, answer, build_app, expected
+from tests.support.route_guard import client as route_client
 from tests.support.server import free_port
 from tests.support.waiting import wait_until
 
@@ -328,6 +332,31 @@ async def test_a_lost_lease_revokes_a_bounded_hold(
     assert log[0][0] == "holder-enter"
     assert {event for event, _ in log[1:]} == {"holder-unwound", "waiter-enter"}
     assert dict(log)["waiter-enter"] > dict(log)["holder-enter"]
+    assert await leftovers(raw, namespace) == []
+
+
+@pytest.mark.parametrize("form", FORMS)
+async def test_a_lost_lease_revokes_a_per_route_hold_with_503(
+    make_backend: Callable[..., RedisBackend], raw: Any, namespace: str, form: str
+) -> None:
+    """Every per-route form revokes a hold whose engine lease is lost (here: renewal capped by
+    the engine's max_hold), without `max_hold` of its own, as the middleware does: the endpoint
+    is cancelled and the request answered 503 with Retry-After."""
+    lock = KeyedLock(backend=make_backend(lease=0.6, max_hold=0.9))
+    log: list[str] = []
+
+    async def endpoint(request: Request) -> Response:
+        log.append("enter")
+        try:
+            await anyio.sleep_forever()
+        finally:
+            log.append("unwound")
+        raise AssertionError("unreachable")
+
+    async with route_client(build_app(form, lock, endpoint)) as http:
+        response = await http.post("/items/1", headers={"x-key": "k"})
+    assert log == ["enter", "unwound"]
+    assert answer(response) == expected(HoldExpired("lost"))
     assert await leftovers(raw, namespace) == []
 
 

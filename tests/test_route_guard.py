@@ -16,6 +16,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response, Strea
 
 from keyedlock_asgi import (
     BackendUnavailable,
+    HoldExpired,
     KeyedLock,
     LockAborted,
     LockBusy,
@@ -472,4 +473,93 @@ async def test_a_draining_lock_answers_every_form_503(anyio_backend: str, form: 
         response = await post(http, "B")
     assert answer(response) == expected(LockClosed())
     assert gates.log == ["A:enter", "A:exit"]
+    assert_idle(lock)
+
+
+async def test_an_endpoint_outliving_max_hold_gets_503_and_the_key_moves_on(
+    anyio_backend: str, form: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The endpoint is cancelled at `max_hold`; its request is answered like the middleware's
+    (503, Retry-After), and the request queued behind it runs once it has unwound."""
+    lock = KeyedLock()
+    log: list[str] = []
+
+    async def endpoint(request: Request) -> Response:
+        name = request.headers["x-name"]
+        log.append(f"{name}:enter")
+        if name == "A":
+            try:
+                await anyio.sleep_forever()
+            finally:
+                log.append("A:unwound")
+        log.append(f"{name}:exit")
+        return JSONResponse({"name": name})
+
+    app = build_app(form, lock, endpoint, max_hold=0.2)
+    results: dict[str, httpx.Response] = {}
+
+    async def run(name: str) -> None:
+        results[name] = await post(http, name)
+
+    async with client(app) as http, anyio.create_task_group() as tg:
+        tg.start_soon(run, "A")
+        await wait_until(lambda: "A:enter" in log, "A inside")
+        tg.start_soon(run, "B")
+        await wait_until(lambda: lock.waiting("k") == 1, 'lock.waiting("k") == 1')
+    assert log == ["A:enter", "A:unwound", "B:enter", "B:exit"]
+    assert answer(results["A"]) == expected(HoldExpired("expired"))
+    assert results["B"].status_code == 200
+    assert "max_hold" in caplog.text
+    assert_idle(lock)
+
+
+async def test_a_response_outliving_max_hold_is_cut_off_and_the_key_moves_on(
+    anyio_backend: str, guard_form: str
+) -> None:
+    """A response that started streaming cannot become a 503: it is cut off (the client has
+    what was sent), and the next request runs once the stream has unwound."""
+    lock = KeyedLock()
+    log: list[str] = []
+
+    async def endless() -> AsyncIterator[bytes]:
+        yield b"part"
+        try:
+            await anyio.sleep_forever()
+        finally:
+            log.append("A:unwound")
+
+    async def endpoint(request: Request) -> Response:
+        name = request.headers["x-name"]
+        log.append(f"{name}:enter")
+        if name == "A":
+            return StreamingResponse(endless())
+        return JSONResponse({"name": name})
+
+    app = build_app(guard_form, lock, endpoint, max_hold=0.2)
+    sent: dict[str, list[Any]] = {"A": [], "B": []}
+
+    async def recorded(scope: Any, receive: Any, send: Any) -> None:
+        """What the server is sent for each request (the client hides a second start)."""
+        messages = sent[dict(scope["headers"])[b"x-name"].decode()]
+
+        async def record(message: Any) -> None:
+            messages.append((message["type"], message.get("status", message.get("body"))))
+            await send(message)
+
+        await app(scope, receive, record)
+
+    results: dict[str, httpx.Response] = {}
+
+    async def run(name: str) -> None:
+        results[name] = await post(http, name)
+
+    async with client(recorded) as http, anyio.create_task_group() as tg:
+        tg.start_soon(run, "A")
+        await wait_until(lambda: "A:enter" in log, "A inside")
+        tg.start_soon(run, "B")
+        await wait_until(lambda: lock.waiting("k") == 1, 'lock.waiting("k") == 1')
+    assert log == ["A:enter", "A:unwound", "B:enter"]
+    assert sent["A"] == [("http.response.start", 200), ("http.response.body", b"part")]
+    assert (results["A"].status_code, results["A"].content) == (200, b"part")
+    assert results["B"].status_code == 200
     assert_idle(lock)

@@ -20,10 +20,12 @@ import fastapi
 from fastapi import Depends
 from starlette.requests import Request
 
+from .._errors import HoldExpired
 from .._lock import Held
+from .._responses import log_revoked
 from ..keys import _is_scope_extractor, _resolve_key
 from ._errors import LockRejected, is_failure, to_http
-from ._guard import ClientGone, Rejected, RouteGuard, RouteHold, key_value
+from ._guard import ClientGone, Rejected, RouteGuard, RouteHold, key_value, revoked
 from ._replay import replay_into
 
 __all__ = ["FastAPILockRejected", "depends", "guard_dependency"]
@@ -98,16 +100,25 @@ def guard_dependency(
         try:
             yield hold.held
         except BaseException as exc:
-            await _exit(guard, scope, hold, exc)
+            await _exit(guard, scope, hold, exc if is_failure(scope, exc) else None)
             raise
-        await guard.exit(scope, hold, None)
+        await _exit(guard, scope, hold, None)
 
     hold_key.__signature__ = inspect.Signature(parameters)  # type: ignore[attr-defined]
     return hold_key
 
 
-async def _exit(guard: RouteGuard, scope: Any, hold: RouteHold, exc: BaseException) -> None:
-    await guard.exit(scope, hold, exc if is_failure(scope, exc) else None)
+async def _exit(
+    guard: RouteGuard, scope: Any, hold: RouteHold, error: BaseException | None
+) -> None:
+    """`guard.exit`; a hold revoked under the endpoint is answered 503 with Retry-After. The
+    dependency cannot see the response: had it started, Starlette refuses the answer ("response
+    already started") and the response is cut off, as under the middleware."""
+    try:
+        await guard.exit(scope, hold, error)
+    except HoldExpired as expired:
+        log_revoked(expired, False)
+        raise to_http(revoked(expired), FastAPILockRejected) from expired
 
 
 def _request_parameter() -> inspect.Parameter:

@@ -15,6 +15,7 @@ import anyio
 
 from .._errors import (
     BackendUnavailable,
+    HoldExpired,
     LockAborted,
     LockBusy,
     LockClosed,
@@ -31,7 +32,7 @@ from ..keys import _key_is_valid
 if TYPE_CHECKING:
     from .._types import Receive, Scope
 
-__all__ = ["ClientGone", "Rejected", "RouteGuard", "RouteHold", "key_value"]
+__all__ = ["ClientGone", "Rejected", "RouteGuard", "RouteHold", "key_value", "revoked"]
 
 _REJECTED_BY_LOCK = (
     LockBusy,
@@ -52,6 +53,14 @@ class Rejected(Exception):
     def __init__(self, rejection: Rejection) -> None:
         super().__init__(rejection.detail)
         self.rejection = rejection
+
+
+def revoked(expired: HoldExpired) -> Rejected:
+    """The answer for a hold revoked under a running endpoint (`max_hold`, a lost engine
+    lease), when its response has not started: the middleware's 503 with Retry-After."""
+    rejected = Rejected(rejection_for(expired))
+    rejected.__cause__ = expired
+    return rejected
 
 
 class ClientGone(Exception):
@@ -129,8 +138,8 @@ class RouteGuard:
             if watcher is not None and watcher.gone is not None:
                 raise ClientGone from exc
             await self._reject(scope, rejection_for(exc), exc)
-        if receive is not None and held._options.max_hold is not None:
-            held._start_limit()  # what `__aenter__` does: `_try_enter` and the wait leave it out
+        if receive is not None and held._revocable:
+            held._start_limit()  # as `__aenter__` does for `max_hold`, and an engine lease too
         hold = RouteHold(held, owned=True)
         if watcher is not None and watcher.messages:
             hold.replay = watcher.replay()
@@ -147,7 +156,10 @@ class RouteGuard:
 
     async def exit(self, scope: Scope, hold: RouteHold, error: BaseException | None) -> None:
         """Give back what `enter` took. `error`: an exception that counts as the holder
-        failing (for `on_error="stop"`); None for a normal end or a handled exception."""
+        failing (for `on_error="stop"`); None for a normal end or a handled exception.
+
+        Raises `HoldExpired` when the hold had been revoked (the key is given back all the
+        same): the glue answers it with `revoked` or cuts the response off."""
         if not hold.owned:
             return
         held = hold.held

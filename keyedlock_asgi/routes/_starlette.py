@@ -24,11 +24,12 @@ from typing import Any, TypeVar, cast
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 
-from .._responses import send_rejection
+from .._errors import HoldExpired
+from .._responses import ResponseStart, log_revoked, send_rejection
 from .._types import Receive, Scope, Send
 from ..keys import _resolve_key
 from ._errors import is_failure, renders_by_default, to_http
-from ._guard import ClientGone, Rejected, RouteGuard
+from ._guard import ClientGone, Rejected, RouteGuard, revoked
 from ._replay import replay_into
 
 __all__ = ["serialize"]
@@ -104,23 +105,44 @@ class _SerializedCall:
         except ClientGone:
             return  # the client left while queued: the endpoint never runs
         except Rejected as rejected:
-            exc = to_http(rejected)
-            if renders_by_default(scope, exc):
-                await send_rejection(send, rejected.rejection)
-                return
-            raise exc from rejected.__cause__
+            await _answer(scope, send, rejected)
+            return
         if hold.replay is not None:  # body chunks were read while queued: the endpoint gets them
             receive = replay_into(self._args[-1], hold.replay)
+        # A hold that can be revoked (`max_hold`, an engine lease) is answered 503 if that
+        # happens before the response starts, and cut off after.
+        revocable = hold.held is not None and hold.owned and hold.held._revocable
+        response_start = ResponseStart(send) if revocable else None
+        error: BaseException | None = None
         try:
             if self._is_async:
                 response = await self._endpoint(*self._args)
             else:
                 response = await run_in_threadpool(self._endpoint, *self._args)
-            await response(scope, receive, send)
+            await response(scope, receive, send if response_start is None else response_start.send)
         except BaseException as exc:
-            await guard.exit(scope, hold, exc if is_failure(scope, exc) else None)
-            raise
-        await guard.exit(scope, hold, None)
+            error = exc
+        try:
+            await guard.exit(scope, hold, error if error and is_failure(scope, error) else None)
+        except HoldExpired as expired:
+            cut_off = response_start is None or response_start.started
+            log_revoked(expired, cut_off)
+            if cut_off:
+                raise
+            await _answer(scope, send, revoked(expired))
+            return
+        if error is not None:
+            raise error
+
+
+async def _answer(scope: Scope, send: Send, rejected: Rejected) -> None:
+    """Answer a rejection through the app's exception handlers, or with the middleware's JSON
+    answer where only Starlette's plain-text default would render it."""
+    exc = to_http(rejected)
+    if renders_by_default(scope, exc):
+        await send_rejection(send, rejected.rejection)
+        return
+    raise exc from rejected.__cause__
 
 
 def _fastapi_dependency(guard: RouteGuard, key: Any) -> Any:
