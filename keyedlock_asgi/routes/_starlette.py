@@ -123,7 +123,8 @@ class _SerializedCall:
         except BaseException as exc:
             error = exc
         try:
-            await guard.exit(scope, hold, error if error and is_failure(scope, error) else None)
+            failed = error is not None and is_failure(scope, error)
+            await guard.exit(scope, hold, error if failed else None)
         except HoldExpired as expired:
             cut_off = response_start is None or response_start.started
             log_revoked(expired, cut_off)
