@@ -476,13 +476,22 @@ async def test_a_burst_of_distinct_keys_is_bounded_by_the_pool(pg: Any) -> None:
             tg.start_soon(warm, n)
     outcomes: dict[str, int] = {"served": 0, "timeout": 0}
     peak = 0
-    done = asyncio.Event()
+    done, seen = asyncio.Event(), asyncio.Event()
 
     async def watch() -> None:
         nonlocal peak
         while not done.is_set():
             peak = max(peak, len(await advisory_locks(pg, namespace)))
+            if peak:
+                seen.set()
             await asyncio.sleep(0.01)
+
+    async def sentinel() -> None:
+        """One hold of the burst that lasts until the watcher has seen a lock: the burst's own
+        holds are too short for a watcher starved by 100,000 tasks to be sure to catch one."""
+        async with lock.hold("burst:sentinel"):
+            with anyio.fail_after(30):
+                await seen.wait()
 
     async def one(i: int) -> None:
         try:
@@ -497,7 +506,7 @@ async def test_a_burst_of_distinct_keys_is_bounded_by_the_pool(pg: Any) -> None:
     gc.collect()
     gc.disable()
     try:
-        await asyncio.gather(*(one(i) for i in range(100_000)))
+        await asyncio.gather(sentinel(), *(one(i) for i in range(100_000)))
     finally:
         gc.enable()
         done.set()

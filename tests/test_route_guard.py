@@ -548,10 +548,13 @@ async def test_a_response_outliving_max_hold_is_cut_off_and_the_key_moves_on(
 
         await app(scope, receive, record)
 
-    results: dict[str, httpx.Response] = {}
+    results: dict[str, httpx.Response | Exception] = {}
 
     async def run(name: str) -> None:
-        results[name] = await post(http, name)
+        try:
+            results[name] = await post(http, name)
+        except (HoldExpired, RuntimeError) as exc:  # httpx < 0.24 raises what cut it off
+            results[name] = exc
 
     async with client(recorded) as http, anyio.create_task_group() as tg:
         tg.start_soon(run, "A")
@@ -560,6 +563,11 @@ async def test_a_response_outliving_max_hold_is_cut_off_and_the_key_moves_on(
         await wait_until(lambda: lock.waiting("k") == 1, 'lock.waiting("k") == 1')
     assert log == ["A:enter", "A:unwound", "B:enter"]
     assert sent["A"] == [("http.response.start", 200), ("http.response.body", b"part")]
-    assert (results["A"].status_code, results["A"].content) == (200, b"part")
+    cut = results["A"]
+    if isinstance(cut, httpx.Response):
+        assert (cut.status_code, cut.content) == (200, b"part")
+    else:  # Starlette: HoldExpired; FastAPI: Starlette's "response already started"
+        assert isinstance(cut, HoldExpired) or "response already started" in str(cut)
+    assert isinstance(results["B"], httpx.Response)
     assert results["B"].status_code == 200
     assert_idle(lock)
