@@ -9,8 +9,7 @@ multi-process and fault tests are in test_backends_redis_e2e.py.
 
 from __future__ import annotations
 
-import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
 
 import anyio
@@ -23,7 +22,12 @@ from keyedlock_asgi import BackendUnavailable, HoldExpired, KeyedLock, LockBusy,
 from keyedlock_asgi._responses import rejection_for
 from keyedlock_asgi.backends import _redis_scripts
 from keyedlock_asgi.backends.redis import LeaseLost, RedisBackend
-from tests.support.engine_redis import REDIS_URL, require_redis
+from tests.support.engine_redis import (  # noqa: F401 (the fixtures are used by name)
+    REDIS_URL,
+    make_redis_backend,
+    redis_namespace,
+    redis_raw,
+)
 from tests.support.lockwatch import Timeline
 from tests.support.route_guard import FORMS, answer, build_app, expected
 from tests.support.route_guard import client as route_client
@@ -36,40 +40,6 @@ pytestmark = pytest.mark.anyio
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"  # redis-py's asyncio client is asyncio-only (trio: see the tests below)
-
-
-@pytest.fixture
-def namespace() -> str:
-    require_redis()
-    return f"test-{uuid.uuid4().hex[:12]}"
-
-
-@pytest.fixture
-async def raw(namespace: str) -> AsyncIterator[Any]:
-    """A plain client to look at what the backend left in Redis."""
-    import redis.asyncio as aioredis
-
-    client = aioredis.Redis.from_url(REDIS_URL)
-    yield client
-    keys = [key async for key in client.scan_iter(match=f"{{{namespace}:*")]
-    if keys:
-        await client.delete(*keys)
-    await client.aclose()
-
-
-@pytest.fixture
-async def make_backend(namespace: str) -> AsyncIterator[Callable[..., RedisBackend]]:
-    made: list[RedisBackend] = []
-
-    def factory(**options: Any) -> RedisBackend:
-        options.setdefault("namespace", namespace)
-        backend = RedisBackend.from_url(REDIS_URL, **options)
-        made.append(backend)
-        return backend
-
-    yield factory
-    for backend in made:
-        await backend.aclose()
 
 
 async def queue_length(raw: Any, backend: RedisBackend, key: str) -> int:

@@ -20,8 +20,7 @@ test_backends_redis.py), so these run on asyncio only, as the other Redis tests 
 from __future__ import annotations
 
 import random
-import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
@@ -34,7 +33,12 @@ import pytest
 from keyedlock_asgi import Held, KeyedLock
 from keyedlock_asgi.backends import _redis_scripts
 from keyedlock_asgi.backends.redis import RedisBackend, RedisLease
-from tests.support.engine_redis import REDIS_URL, require_redis
+from tests.support.engine_redis import (  # noqa: F401 (the fixtures are used by name)
+    REDIS_URL,
+    make_redis_backend,
+    redis_namespace,
+    redis_raw,
+)
 from tests.support.lockwatch import Timeline
 from tests.support.waiting import wait_until
 
@@ -44,41 +48,6 @@ pytestmark = pytest.mark.anyio
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"  # redis-py's asyncio client is asyncio-only
-
-
-@pytest.fixture
-def namespace() -> str:
-    require_redis()
-    return f"test-{uuid.uuid4().hex[:12]}"
-
-
-@pytest.fixture
-async def raw(namespace: str) -> AsyncIterator[Any]:
-    """A plain client to look at what the backends left in Redis."""
-    import redis.asyncio as aioredis
-
-    client = aioredis.Redis.from_url(REDIS_URL)
-    yield client
-    keys = [key async for key in client.scan_iter(match=f"{{{namespace}:*")]
-    if keys:
-        await client.delete(*keys)
-    await client.aclose()
-
-
-@pytest.fixture
-async def make_backend(namespace: str) -> AsyncIterator[Callable[..., RedisBackend]]:
-    made: list[RedisBackend] = []
-
-    def factory(**options: Any) -> RedisBackend:
-        options.setdefault("namespace", namespace)
-        options.setdefault("lease", 10.0)  # a leaked lease would stay far longer than a test
-        backend = RedisBackend.from_url(REDIS_URL, **options)
-        made.append(backend)
-        return backend
-
-    yield factory
-    for backend in made:
-        await backend.aclose()
 
 
 async def leftovers(raw: Any, namespace: str) -> list[str]:

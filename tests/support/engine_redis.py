@@ -6,7 +6,8 @@ import atexit
 import functools
 import os
 import socket
-from collections.abc import Iterator
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -52,10 +53,57 @@ def require_redis() -> None:
         service_missing("Redis", problem)
 
 
+# The tests' connect timeout: the library's 0.5 s is for a live server, and a loaded CI machine
+# can take longer than that to open a loopback connection while it runs the rest of a test.
+CONNECT_TIMEOUT = 5.0
+
+
 def redis_engine(namespace: str) -> LockBackend:
     """A `RedisBackend` on the shared Redis, in a namespace of its own."""
     require_redis()
-    return RedisBackend.from_url(REDIS_URL, namespace=namespace, lease=10.0)
+    return RedisBackend.from_url(
+        REDIS_URL, namespace=namespace, lease=10.0, connect_timeout=CONNECT_TIMEOUT
+    )
+
+
+# -- fixtures of the single-server Redis tests (import them into a test module) ---------------
+
+
+@pytest.fixture(name="namespace")
+def redis_namespace() -> str:
+    """A namespace of the test's own on the shared Redis (which must answer)."""
+    require_redis()
+    return f"test-{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture(name="raw")
+async def redis_raw(namespace: str) -> AsyncIterator[Any]:
+    """A plain client to look at what the backends left in Redis; deletes the namespace after."""
+    client = aioredis.Redis.from_url(REDIS_URL)
+    yield client
+    keys = [key async for key in client.scan_iter(match=f"{{{namespace}:*")]
+    if keys:
+        await client.delete(*keys)
+    await client.aclose()
+
+
+@pytest.fixture(name="make_backend")
+async def make_redis_backend(namespace: str) -> AsyncIterator[Callable[..., RedisBackend]]:
+    """Build `RedisBackend`s on the shared Redis in the test's namespace; close them after.
+    Each stands for one process (its own process id, connections and wake-up channel)."""
+    made: list[RedisBackend] = []
+
+    def factory(**options: Any) -> RedisBackend:
+        options.setdefault("namespace", namespace)
+        options.setdefault("lease", 10.0)  # a leaked lease would stay far longer than a test
+        options.setdefault("connect_timeout", CONNECT_TIMEOUT)
+        backend = RedisBackend.from_url(REDIS_URL, **options)
+        made.append(backend)
+        return backend
+
+    yield factory
+    for backend in made:
+        await backend.aclose()
 
 
 # -- Redis Cluster: a real 3-master cluster on loopback, started once per test run ----------
@@ -103,7 +151,11 @@ def redis_cluster() -> Iterator[RedisClusterProcesses]:
 def redis_cluster_engine(namespace: str) -> LockBackend:
     """A `RedisBackend` on the test run's Redis Cluster, in a namespace of its own."""
     return RedisBackend.from_url(
-        shared_cluster().url, cluster=True, namespace=namespace, lease=10.0
+        shared_cluster().url,
+        cluster=True,
+        namespace=namespace,
+        lease=10.0,
+        connect_timeout=CONNECT_TIMEOUT,
     )
 
 
@@ -117,6 +169,7 @@ class RedisTarget:
     ports: list[int]
 
     def backend(self, **options: Any) -> RedisBackend:
+        options.setdefault("connect_timeout", CONNECT_TIMEOUT)
         return RedisBackend.from_url(self.url, cluster=self.cluster, **options)
 
     def raw(self) -> Any:
