@@ -126,10 +126,18 @@ class ResponseStart:
         await self._send(message)
 
 
-def log_revoked(expired: HoldExpired, cut_off: bool) -> None:
-    """The warning every HTTP layer logs for a hold revoked under a running request."""
+def log_revoked(expired: HoldExpired, cut_off: bool | None) -> None:
+    """The warning every HTTP layer logs for a hold revoked under a running request.
+    `cut_off`: whether the response had started (None: the layer cannot tell)."""
     logger.warning(
         "a request's hold was revoked (%s) and the request cancelled%s",
         expired,
-        "; response cut off" if cut_off else "",
+        _CUT_OFF[cut_off],
     )
+
+
+_CUT_OFF = {
+    True: "; response cut off",
+    False: "",
+    None: "; answered 503, or cut off if its response had started",
+}

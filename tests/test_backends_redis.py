@@ -330,6 +330,43 @@ async def test_a_lost_lease_revokes_a_per_route_hold_with_503(
     assert await leftovers(raw, namespace) == []
 
 
+@pytest.mark.parametrize("form", FORMS)
+async def test_a_request_cancelled_in_its_on_acquired_hook_frees_the_redis_key(
+    make_backend: Callable[..., RedisBackend], raw: Any, namespace: str, form: str
+) -> None:
+    """An engine hold can be revoked without `max_hold` (a lost lease), so its revoking scope is
+    open while `on_acquired` awaits: a request cancelled there gives the key back in the lock
+    and in Redis, and the next request on the key runs."""
+    lock = KeyedLock(backend=make_backend(), timeout=5)  # a stranded key fails B, not hangs
+    log: list[str] = []
+    in_hook = anyio.Event()
+
+    async def acquired(scope: Any, held: Any) -> None:
+        if dict(scope["headers"])[b"x-name"] == b"A":
+            in_hook.set()
+            await anyio.sleep_forever()
+
+    async def endpoint(request: Request) -> Response:
+        log.append(request.headers["x-name"])
+        return Response("ok")
+
+    async def post(name: str) -> Any:
+        return await http.post("/items/1", headers={"x-key": "k", "x-name": name})
+
+    app = build_app(form, lock, endpoint, on_acquired=acquired)
+    async with route_client(app) as http:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(post, "A")
+            await in_hook.wait()
+            tg.cancel_scope.cancel()
+        assert not lock.locked("k")
+        response = await post("B")
+    assert response.status_code == 200
+    assert log == ["B"]
+    assert await leftovers(raw, namespace) == []
+    await lock.aclose()
+
+
 @pytest.fixture
 def dead_url() -> str:
     return f"redis://127.0.0.1:{free_port()}/0"

@@ -495,18 +495,38 @@ async def test_an_endpoint_outliving_max_hold_gets_503_and_the_key_moves_on(
         log.append(f"{name}:exit")
         return JSONResponse({"name": name})
 
-    app = build_app(form, lock, endpoint, max_hold=0.2)
+    def acquired(scope: Any, held: Any) -> None:
+        log.append(f"{dict(scope['headers'])[b'x-name'].decode()}:acquired")
+
+    def released(scope: Any, held: Any, held_for: float) -> None:
+        log.append(f"{dict(scope['headers'])[b'x-name'].decode()}:released")
+
+    app = build_app(form, lock, endpoint, max_hold=0.2, on_acquired=acquired, on_released=released)
     results: dict[str, httpx.Response] = {}
 
     async def run(name: str) -> None:
         results[name] = await post(http, name)
 
-    async with client(app) as http, anyio.create_task_group() as tg:
+    # Both queue behind another holder first, so B waits before A's max_hold starts.
+    async with (
+        client(app) as http,
+        anyio.create_task_group() as tg,
+        held_elsewhere(lock, "k"),
+    ):
         tg.start_soon(run, "A")
-        await wait_until(lambda: "A:enter" in log, "A inside")
-        tg.start_soon(run, "B")
         await wait_until(lambda: lock.waiting("k") == 1, 'lock.waiting("k") == 1')
-    assert log == ["A:enter", "A:unwound", "B:enter", "B:exit"]
+        tg.start_soon(run, "B")
+        await wait_until(lambda: lock.waiting("k") == 2, 'lock.waiting("k") == 2')
+    assert log == [
+        "A:acquired",
+        "A:enter",
+        "A:unwound",
+        "A:released",  # a revoked hold is released like any other: its hook says so
+        "B:acquired",
+        "B:enter",
+        "B:exit",
+        "B:released",
+    ]
     assert answer(results["A"]) == expected(HoldExpired("expired"))
     assert results["B"].status_code == 200
     assert "max_hold" in caplog.text
@@ -514,7 +534,7 @@ async def test_an_endpoint_outliving_max_hold_gets_503_and_the_key_moves_on(
 
 
 async def test_a_response_outliving_max_hold_is_cut_off_and_the_key_moves_on(
-    anyio_backend: str, guard_form: str
+    anyio_backend: str, guard_form: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A response that started streaming cannot become a 503: it is cut off (the client has
     what was sent), and the next request runs once the stream has unwound."""
@@ -556,11 +576,16 @@ async def test_a_response_outliving_max_hold_is_cut_off_and_the_key_moves_on(
         except (HoldExpired, RuntimeError) as exc:  # httpx < 0.24 raises what cut it off
             results[name] = exc
 
-    async with client(recorded) as http, anyio.create_task_group() as tg:
+    # Both queue behind another holder first, so B waits before A's max_hold starts.
+    async with (
+        client(recorded) as http,
+        anyio.create_task_group() as tg,
+        held_elsewhere(lock, "k"),
+    ):
         tg.start_soon(run, "A")
-        await wait_until(lambda: "A:enter" in log, "A inside")
-        tg.start_soon(run, "B")
         await wait_until(lambda: lock.waiting("k") == 1, 'lock.waiting("k") == 1')
+        tg.start_soon(run, "B")
+        await wait_until(lambda: lock.waiting("k") == 2, 'lock.waiting("k") == 2')
     assert log == ["A:enter", "A:unwound", "B:enter"]
     assert sent["A"] == [("http.response.start", 200), ("http.response.body", b"part")]
     cut = results["A"]
@@ -570,4 +595,68 @@ async def test_a_response_outliving_max_hold_is_cut_off_and_the_key_moves_on(
         assert isinstance(cut, HoldExpired) or "response already started" in str(cut)
     assert isinstance(results["B"], httpx.Response)
     assert results["B"].status_code == 200
+    assert "cut off" in caplog.text  # the dependency cannot tell, so its warning names both
+    assert_idle(lock)
+
+
+async def test_a_request_cancelled_in_its_on_acquired_hook_leaves_the_key_free(
+    anyio_backend: str, form: str
+) -> None:
+    """The request is cancelled (client gone, server shutting down) while `on_acquired` awaits,
+    under a hold that can be revoked (`max_hold`): the key is given back, the endpoint never
+    ran, and the next request on the key runs (within its timeout: a stranded key fails it)."""
+    lock = KeyedLock()
+    log: list[str] = []
+    in_hook = anyio.Event()
+
+    async def acquired(scope: Any, held: Any) -> None:
+        if dict(scope["headers"])[b"x-name"] == b"A":
+            in_hook.set()
+            await anyio.sleep_forever()
+
+    async def endpoint(request: Request) -> Response:
+        log.append(request.headers["x-name"])
+        return JSONResponse({"ok": True})
+
+    app = build_app(form, lock, endpoint, max_hold=60, timeout=5, on_acquired=acquired)
+    async with client(app) as http:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(post, http, "A")
+            await in_hook.wait()
+            assert lock.locked("k")
+            tg.cancel_scope.cancel()
+        assert not lock.locked("k")
+        assert (await post(http, "B")).status_code == 200
+    assert log == ["B"]
+    assert_idle(lock)
+
+
+async def test_a_hold_revoked_during_its_on_acquired_hook_is_answered_503(
+    anyio_backend: str, form: str
+) -> None:
+    """`max_hold` runs out while `on_acquired` still awaits: the endpoint never runs, the
+    request is answered 503 with Retry-After, the release hook hears of it, the key moves on."""
+    lock = KeyedLock()
+    log: list[str] = []
+
+    async def acquired(scope: Any, held: Any) -> None:
+        name = dict(scope["headers"])[b"x-name"].decode()
+        log.append(f"{name}:acquired")
+        if name == "A":
+            await anyio.sleep_forever()
+
+    def released(scope: Any, held: Any, held_for: float) -> None:
+        log.append(f"{dict(scope['headers'])[b'x-name'].decode()}:released")
+
+    async def endpoint(request: Request) -> Response:
+        log.append(f"{request.headers['x-name']}:endpoint")
+        return JSONResponse({"ok": True})
+
+    app = build_app(form, lock, endpoint, max_hold=0.2, on_acquired=acquired, on_released=released)
+    async with client(app) as http:
+        first = await post(http, "A")
+        second = await post(http, "B")
+    assert answer(first) == expected(HoldExpired("expired"))
+    assert second.status_code == 200
+    assert log == ["A:acquired", "A:released", "B:acquired", "B:endpoint", "B:released"]
     assert_idle(lock)

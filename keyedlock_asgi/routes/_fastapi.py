@@ -117,7 +117,7 @@ async def _exit(
     try:
         await guard.exit(scope, hold, error)
     except HoldExpired as expired:
-        log_revoked(expired, False)
+        log_revoked(expired, None)  # the dependency cannot tell whether the response started
         raise to_http(revoked(expired), FastAPILockRejected) from expired
 
 

@@ -11,8 +11,6 @@ from __future__ import annotations
 from time import perf_counter
 from typing import TYPE_CHECKING
 
-import anyio
-
 from .._errors import (
     BackendUnavailable,
     HoldExpired,
@@ -24,7 +22,7 @@ from .._errors import (
 )
 from .._http_options import HttpOptions
 from .._lock import Held, KeyedLock
-from .._responses import INVALID_KEY, MISSING_KEY, Rejection, rejection_for
+from .._responses import INVALID_KEY, MISSING_KEY, Rejection, log_revoked, rejection_for
 from .._scope import held_by_outer_layer, record, unrecord
 from .._watcher import Watcher, enter_watching
 from ..keys import _key_is_valid
@@ -148,9 +146,15 @@ class RouteGuard:
         if hooks.on_acquired is not None:
             try:
                 await hooks.acquired(scope, held)
-            except BaseException:  # cancelled inside the hook: the caller never sees the hold
-                with anyio.CancelScope(shield=True):
-                    await self.exit(scope, hold, None)
+            except BaseException as exc:  # cancelled in the hook: the caller never sees the hold
+                # Given back like any block's end, with what ended it and unshielded (the engine
+                # release shields itself): the revoking scope must close in the task's own
+                # order of scopes, or anyio refuses to close it and the key stays held.
+                try:
+                    await self.exit(scope, hold, exc)
+                except HoldExpired as expired:  # revoked during the hook: the endpoint never ran
+                    log_revoked(expired, False)
+                    raise revoked(expired) from expired
                 raise
         return hold
 
@@ -164,16 +168,18 @@ class RouteGuard:
             return
         held = hold.held
         assert held is not None
+        hooks = self.options.hooks
         try:  # release first: nothing the endpoint did to the scope can keep the key held
             if error is None:
                 await held.__aexit__(None, None, None)
             else:
                 await held.__aexit__(type(error), error, error.__traceback__)
-        finally:
-            unrecord(scope, hold.records, held, hold.ours)
-        hooks = self.options.hooks
-        if hooks.on_released is not None:
-            await hooks.released(scope, held, perf_counter() - hold.started)
+        finally:  # a revoked hold (`HoldExpired`) was released too: the hook hears of it
+            try:
+                if hooks.on_released is not None:
+                    await hooks.released(scope, held, perf_counter() - hold.started)
+            finally:
+                unrecord(scope, hold.records, held, hold.ours)  # after: the hook may read it
 
     async def _reject(
         self, scope: Scope, rejection: Rejection, cause: BaseException | None
