@@ -307,6 +307,47 @@ async def test_a_reused_lock_connection_still_reports_a_lost_hold(pg: Any) -> No
     await close(lock)
 
 
+async def test_an_idle_lock_connection_the_server_closed_is_replaced(pg: Any) -> None:
+    """The connection kept for the next hold was closed by the server (idle timeout, restart,
+    here `pg_terminate_backend`) just before the next hold, which fails on it before the client
+    noticed the close: one fresh try on a new connection takes the key.
+
+    Session mode only: in transaction mode asyncpg's script COPY (`_pg_wire.py`) meets that
+    half-closed connection with an error and leaves a future nobody reads, which asyncio logs
+    (the retry works all the same). Through pgbouncer the client's connection stays open."""
+    namespace = new_namespace()
+    lock = KeyedLock(backend=postgres_backend(namespace, pool_size=1, lease=None))
+    async with lock.hold("first") as first:
+        [(pid, _, _)] = await advisory_locks(pg, namespace)
+    assert await pg.fetchval("SELECT pg_terminate_backend($1)", pid)
+    async with lock.hold("second") as second:
+        [(new_pid, _, granted)] = await advisory_locks(pg, namespace)
+        assert granted
+        assert new_pid != pid
+    assert second.token > first.token
+    assert await advisory_locks(pg, namespace) == []
+    await close(lock)
+
+
+@pytest.mark.parametrize("mode", ROUTES)
+async def test_a_failing_lock_statement_is_backend_unavailable(pg: Any, mode: str) -> None:
+    """A server error in the lock statement (here: the fence sequence was dropped) reaches the
+    caller as `BackendUnavailable` (503 with Retry-After, or the fail-open fallback), not as
+    a driver exception, and leaves nothing held."""
+    namespace = new_namespace()
+    sequence = f"fence_{uuid.uuid4().hex[:12]}"
+    lock = KeyedLock(backend=routed_backend(mode, namespace, fence_sequence=sequence))
+    async with lock.hold("k"):
+        pass
+    await pg.execute(f"DROP SEQUENCE {sequence}")
+    with pytest.raises(BackendUnavailable, match="does not exist"):
+        async with lock.hold("k"):
+            pytest.fail("granted without a fencing token")
+    assert await advisory_locks(pg, namespace) == []
+    assert lock.stats().active_keys == 0
+    await close(lock)
+
+
 @pytest.mark.parametrize("mode", ROUTES)
 async def test_frozen_holder_loses_the_key_after_the_lease(pg: Any, mode: str) -> None:
     """A holder whose event loop is stuck sends no heartbeat: the server ends its session

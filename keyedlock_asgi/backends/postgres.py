@@ -176,12 +176,13 @@ class PostgresBackend:
                         conn, key, max_concurrency, shared, try_only, deadline
                     )
             except BaseException as exc:
+                broken = _connection_failed(conn, exc)  # now: a given-back proxy cannot say
                 await self._give_back_failed(pool, conn, exc)
                 if isinstance(exc, (LockBusy, LockTimeout)) or not isinstance(exc, Exception):
                     raise
-                # A pooled connection the server already closed (idle timeout, restart):
-                # whatever it held died with it, so one fresh try is safe.
-                if attempt == 1 and conn.is_closed() and not _past(deadline):
+                # A pooled connection the server closed while it sat idle (idle timeout,
+                # restart): whatever it held died with it, so one fresh try is safe.
+                if attempt == 1 and broken and not _past(deadline):
                     continue
                 raise self._translate(exc, deadline) from exc
             lease = PostgresLease(self, pool, conn, key, lock_ids, token, shared)
@@ -682,6 +683,21 @@ def _lock_timeout_ms(deadline: float | None) -> int:
 
 def _left(deadline: float | None) -> float | None:
     return None if deadline is None else max(deadline - monotonic(), 0.0)
+
+
+def _connection_failed(conn: Any, exc: BaseException) -> bool:
+    """Whether `exc` is the connection failing rather than the statement: closed, the server
+    ending the session (class 57: shutdown, idle timeout), or asyncpg's protocol stuck on the
+    error such an end left on an idle connection (`InternalClientError`, `InterfaceError`)."""
+    asyncpg = _asyncpg()
+    failures = (
+        OSError,
+        asyncpg.InterfaceError,
+        asyncpg.InternalClientError,
+        asyncpg.PostgresConnectionError,
+        asyncpg.exceptions.OperatorInterventionError,
+    )
+    return is_closed(conn) or isinstance(exc, failures)
 
 
 def _past(deadline: float | None) -> bool:
