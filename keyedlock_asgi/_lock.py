@@ -396,8 +396,12 @@ class Held:
             raise RuntimeError("this hold is not held")
         self._state = None
         expired = False
+        refused: BaseException | None = None
         if self._limit is not None:
-            expired = self._end_limit(error)
+            try:
+                expired = self._end_limit(error)
+            except BaseException as exc:  # anyio refused to close it: the keys go back first
+                refused = exc
             if expired:
                 error = None  # the lock's own deadline: not a failure of the holder
         key = self._key
@@ -414,11 +418,14 @@ class Held:
         lock = self._lock
         if lock._observers:
             lock._released(self, error, expired)
+        if refused is not None:
+            raise refused
         return expired
 
     def _end_limit(self, error: BaseException | None) -> bool:
         """Leave the revoking scope; whether it had revoked the hold (swallowing its own
-        cancellation). Its errors (left from another task) come after the keys are given back."""
+        cancellation). Its errors (left out of order, or from another task) `_release` raises
+        after giving the keys back."""
         limit = self._limit
         assert limit is not None
         self._limit = None

@@ -131,3 +131,56 @@ async def test_drain_times_out_and_stays_closed(make_lock: MakeLock) -> None:
             await lock.drain(timeout=0.05)
     assert lock.closed
     await lock.drain()  # idle now: returns at once
+
+
+async def test_bounded_holds_left_out_of_order_still_give_their_keys_back(
+    make_lock: MakeLock,
+) -> None:
+    """Two `max_hold` holds in one task, left first-in-first-out: anyio refuses to close the
+    first one's revoking scope (it is not the innermost), and that error reaches the caller,
+    but only after the key was given back: a later caller gets both keys."""
+    lock = make_lock(max_hold=60)
+    first, second = lock.hold("a"), lock.hold("b")
+    await first.__aenter__()
+    await second.__aenter__()
+    with pytest.raises(RuntimeError, match="cancel scope"):
+        await first.__aexit__(None, None, None)
+    assert not lock.locked("a")
+    await second.__aexit__(None, None, None)
+
+    async def later() -> None:
+        with anyio.fail_after(10):  # a stranded key fails here instead of hanging
+            async with lock.hold("a", "b"):
+                pass
+
+    async with anyio.create_task_group() as tg:  # another task: not re-entry
+        tg.start_soon(later)
+    assert lock.stats() == IDLE
+
+
+async def test_a_bounded_hold_left_from_another_task_still_gives_its_key_back(
+    make_lock: MakeLock, anyio_backend: str
+) -> None:
+    """`max_hold`'s scope belongs to the task that entered: leaving the hold from another
+    task raises anyio's error, after the key was given back."""
+    if anyio_backend == "trio":
+        pytest.skip("trio cannot leave a cancel scope from another task: its run breaks")
+    lock = make_lock(max_hold=60)
+    held = lock.hold("k")
+    await held.__aenter__()
+    raised: list[BaseException] = []
+
+    async def leave() -> None:
+        try:
+            await held.__aexit__(None, None, None)
+        except RuntimeError as exc:
+            raised.append(exc)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(leave)
+    assert len(raised) == 1
+    assert not lock.locked("k")
+    with anyio.fail_after(10):
+        async with lock.hold("k"):
+            pass
+    assert lock.stats() == IDLE
