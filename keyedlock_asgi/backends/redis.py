@@ -193,7 +193,7 @@ class _Connection:
         self.extend = self.client.register_script(_redis_scripts.EXTEND)
         self.pubsub: Any = None
         self.reader: asyncio.Task[None] | None = None
-        self.ready: asyncio.Future[None] | None = None
+        self.ready: asyncio.Future[bool] | None = None
         # Parked waiters by token; resolved with a hand-off's (fence, claim ms), or _ASK_AGAIN.
         self.waiters: dict[str, asyncio.Future[tuple[int, int]]] = {}
         self.leases: set[RedisLease] = set()
@@ -722,22 +722,27 @@ class RedisBackend:
         conn = self._conns.get(loop)
         if conn is None or conn.pid != os.getpid():  # first use, or inherited through fork
             conn = self._conns[loop] = _Connection(self, loop)
-        ready = conn.ready
-        if ready is not None and ready.done() and ready.exception() is None:
-            return conn
-        if ready is None or ready.done():
-            ready = conn.ready = loop.create_future()
-            try:
-                await self._subscribe(conn)
-            except BaseException as exc:
-                conn.ready = None
-                ready.set_exception(exc)
-                ready.exception()  # retrieved: later callers retry instead
-                raise
-            ready.set_result(None)
-            return conn
-        await asyncio.shield(ready)
-        return conn
+        while True:
+            ready = conn.ready
+            if ready is not None and ready.done() and ready.exception() is None:
+                return conn
+            if ready is None or ready.done():
+                ready = conn.ready = loop.create_future()
+                try:
+                    await self._subscribe(conn)
+                except Exception as exc:
+                    conn.ready = None  # later callers try again
+                    ready.set_exception(exc)  # those waiting now fail as this caller did
+                    ready.exception()  # retrieved, should nobody be waiting
+                    raise
+                except BaseException:
+                    conn.ready = None  # this caller was cancelled, not those waiting:
+                    ready.set_result(False)  # one of them subscribes instead
+                    raise
+                ready.set_result(True)
+                return conn
+            if await asyncio.shield(ready):
+                return conn
 
     async def _subscribe(self, conn: _Connection) -> None:
         probe = self._breaker.enter()
