@@ -314,8 +314,11 @@ class Held:
         if hasattr(self._lock._backend, "acquire_after"):
             heads = self._heads(leases)
         if heads is None:
-            await _release_leases(leases)
-            return self._release(error)
+            try:
+                await _release_leases(leases)
+            finally:  # a native cancellation gets through the engine's release: keys go back
+                expired = self._release(error)
+            return expired
         unused: list[BackendLease | None] = []
         try:
             return self._release(error)  # no await since `_heads`: they were first just now
@@ -603,7 +606,9 @@ class Held:
 
 
 async def _release_leases(leases: list[BackendLease | None]) -> None:
-    """Give engine leases back, shielded: a cancelled request must not strand a key."""
+    """Give engine leases back, shielded: a cancelled request must not strand a key. A native
+    asyncio cancellation, which anyio's shield lets by, is raised after the last lease."""
+    cancelled: BaseException | None = None
     with anyio.CancelScope(shield=True):
         for lease in reversed(leases):
             if lease is None:
@@ -612,6 +617,10 @@ async def _release_leases(leases: list[BackendLease | None]) -> None:
                 await lease.release()
             except Exception:
                 logger.warning("failed to release a lock lease", exc_info=True)
+            except BaseException as exc:
+                cancelled = cancelled or exc
+    if cancelled is not None:
+        raise cancelled
 
 
 class KeyedLock:

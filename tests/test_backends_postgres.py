@@ -307,6 +307,55 @@ async def test_a_reused_lock_connection_still_reports_a_lost_hold(pg: Any) -> No
     await close(lock)
 
 
+async def test_a_native_cancellation_during_the_release_still_frees_the_key(pg: Any) -> None:
+    """`Task.cancel()` (or `asyncio.timeout`) while the release awaits its unlock: anyio's
+    shield does not stop a native cancellation, yet the connection goes back (its reset
+    unlocks), so the key is free for another process and the pool slot for this one."""
+    namespace = new_namespace()
+    backend = postgres_backend(namespace, pool_size=1, lease=None)
+    lease = await backend.acquire("k", timeout=None, max_concurrency=1)
+    release = asyncio.create_task(lease.release())
+    await asyncio.sleep(0)  # the release has sent its unlock; the answer needs another pass
+    release.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await release
+    assert release.cancelled()
+    assert await advisory_locks(pg, namespace) == []
+    other = KeyedLock(backend=postgres_backend(namespace), timeout=5)
+    async with other.hold("k"):  # another process
+        pass
+    again = await backend.acquire("j", timeout=5, max_concurrency=1)  # the one pool slot
+    await again.release()
+    await close(other)
+    await backend.aclose()
+
+
+async def test_a_native_cancellation_while_releasing_several_keys_releases_them_all(
+    pg: Any,
+) -> None:
+    """A hold on two keys is cancelled natively while it gives the first lease back: the
+    cancellation is raised only after the second lease was given back too."""
+    namespace = new_namespace()
+    lock = KeyedLock(backend=postgres_backend(namespace, lease=None))
+    inside, leave = asyncio.Event(), asyncio.Event()
+
+    async def holder() -> None:
+        async with lock.hold("a", "b"):
+            inside.set()
+            await leave.wait()
+
+    task = asyncio.create_task(holder())
+    await inside.wait()
+    assert len(await advisory_locks(pg, namespace)) == 2
+    leave.set()
+    await asyncio.sleep(0)  # the holder left its block and sent the first unlock
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert await advisory_locks(pg, namespace) == []
+    await close(lock)
+
+
 async def test_an_idle_lock_connection_the_server_closed_is_replaced(pg: Any) -> None:
     """The connection kept for the next hold was closed by the server (idle timeout, restart,
     here `pg_terminate_backend`) just before the next hold, which fails on it before the client

@@ -20,6 +20,9 @@ __all__ = ["PostgresLease", "is_closed"]
 
 logger = logging.getLogger("keyedlock_asgi.postgres")
 
+_finishing: set[asyncio.Task[None]] = set()
+"""Releases a native cancellation interrupted before they began, running to the end."""
+
 
 class PostgresLease:
     """A key granted by the server, held by one pooled connection until `release()`.
@@ -85,23 +88,40 @@ class PostgresLease:
 
     async def release(self) -> None:
         """Unlock on the same connection and give it back to the pool; never raises for a
-        lost hold. Shielded: a cancelled caller still releases."""
+        lost hold. Shielded: a cancelled caller still releases.
+
+        anyio's shield does not hold back a native asyncio cancellation (`Task.cancel()`,
+        `asyncio.timeout`): one that lands in the unlock still gives the connection back
+        (unclean: the pool's reset unlocks), one that lands while the release waits for a
+        heartbeat's query leaves the release to a task of its own."""
         with anyio.CancelScope(shield=True):
-            async with self._io:
-                if self._done:
-                    return
-                self._done = True
-                self._stop_heartbeat()
-                # After the connection died the pool may have detached our proxy already:
-                # nothing below may raise, or the pool slot would never be given back.
-                with contextlib.suppress(Exception):
-                    self._conn.keyedlock_hold(None)
-                clean = False
+            try:
+                await self._release()
+            except asyncio.CancelledError:
+                if not self._done:
+                    task = asyncio.get_running_loop().create_task(self._release())
+                    _finishing.add(task)
+                    task.add_done_callback(_finishing.discard)
+                raise
+
+    async def _release(self) -> None:
+        async with self._io:
+            if self._done:
+                return
+            self._done = True
+            self._stop_heartbeat()
+            # After the connection died the pool may have detached our proxy already:
+            # nothing below may raise, or the pool slot would never be given back.
+            with contextlib.suppress(Exception):
+                self._conn.keyedlock_hold(None)
+            clean = False
+            try:
                 if not self.lost and not is_closed(self._conn):
                     try:
                         clean = await self._backend._unlock(self._conn, self._lock_ids, self.shared)
                     except Exception as exc:
                         self._report_lost("unreachable", "release failed", exc)
+            finally:
                 await self._backend._give_back(self._pool, self._conn, clean=clean)
                 self._backend._leases.discard(self)
 

@@ -358,11 +358,13 @@ class PostgresBackend:
         """After a failed or cancelled wait: end the transaction if we can, and let the
         pool's reset unlock everything the session may have been granted meanwhile."""
         with anyio.CancelScope(shield=True):
-            if self.mode == "transaction" and isinstance(exc, Exception):
-                with contextlib.suppress(Exception):
-                    if not conn.is_closed():
-                        await conn.execute("ROLLBACK")
-            await self._give_back(pool, conn, clean=False)
+            try:
+                if self.mode == "transaction" and isinstance(exc, Exception):
+                    with contextlib.suppress(Exception):
+                        if not conn.is_closed():
+                            await conn.execute("ROLLBACK")
+            finally:  # even through a native asyncio cancellation, which the shield lets by
+                await self._give_back(pool, conn, clean=False)
 
     # -- SQL ------------------------------------------------------------------------------
 
