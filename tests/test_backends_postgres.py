@@ -13,6 +13,7 @@ import uuid
 from collections.abc import AsyncIterator
 from time import monotonic
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import anyio
 import anyio.lowlevel
@@ -25,6 +26,7 @@ from tests.support.engine_pgbouncer import ROUTES, routed_backend
 from tests.support.engine_postgres import PG_DSN, postgres_backend, require_postgres
 from tests.support.loop_thread import LoopThread
 from tests.support.server import free_port
+from tests.support.tcp_proxy import TcpProxy
 from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.anyio
@@ -354,6 +356,48 @@ async def test_a_native_cancellation_while_releasing_several_keys_releases_them_
         await task
     assert await advisory_locks(pg, namespace) == []
     await close(lock)
+
+
+@pytest.mark.parametrize("mode", ["session", "transaction"])
+async def test_a_holder_cut_off_from_the_server_is_told_before_the_next_gets_in(
+    pg: Any, mode: str
+) -> None:
+    """A network partition right after a heartbeat: the server ends the silent session a
+    lease after that beat and lets the next holder in. The cut-off holder is told first (its
+    next beat waits only what is left of the lease, not a whole one), so its hold is revoked
+    before anyone else holds the key."""
+    namespace = new_namespace()
+    order: list[str] = []
+    parts = urlsplit(PG_DSN)
+    async with TcpProxy(parts.port or 5432).running() as proxy:
+        netloc = f"{parts.username or 'postgres'}@127.0.0.1:{proxy.port}"
+        a = PostgresBackend.from_dsn(
+            urlunsplit(parts._replace(netloc=netloc)),
+            namespace=namespace,
+            mode=mode,
+            lease=1.5,
+            heartbeat=0.5,
+            on_lease_lost=lambda event: order.append(f"A lost ({event.reason})"),
+        )
+        b = postgres_backend(namespace, mode=mode, lease=1.5)
+        held = await a.acquire("k", timeout=None, max_concurrency=1)
+        [(pid, _, _)] = await advisory_locks(pg, namespace)
+
+        async def beat_answered() -> bool:
+            query = "SELECT query, state FROM pg_stat_activity WHERE pid = $1"
+            row = await pg.fetchrow(query, pid)
+            return row["query"] == "SELECT 1" and row["state"].startswith("idle")
+
+        await wait_until(beat_answered, "a heartbeat answered")
+        proxy.cut()
+        got = await b.acquire("k", timeout=10, max_concurrency=1)
+        order.append("B granted")
+        assert got.token > held.token
+        await got.release()
+        await b.aclose()
+    assert order == ["A lost (unreachable)", "B granted"]
+    await held.release()
+    await a.aclose()
 
 
 async def test_an_idle_lock_connection_the_server_closed_is_replaced(pg: Any) -> None:

@@ -35,6 +35,7 @@ class PostgresLease:
     """
 
     __slots__ = (
+        "_answered_at",
         "_backend",
         "_beat",
         "_conn",
@@ -69,7 +70,10 @@ class PostgresLease:
         self._done = False
         self.key = key
         self.token = token
-        self._granted_at = monotonic()
+        self._granted_at = self._answered_at = monotonic()
+        """`_answered_at`: no earlier than the server's last statement on this connection
+        ended (the grant's answer, then each answered beat's sending), where its lease runs
+        from."""
         self.on_lost: Callable[[LeaseLost], object] | None = None
         """Told of the loss right after the backend's `on_lease_lost` (the core revokes)."""
         self.lost = False
@@ -141,15 +145,28 @@ class PostgresLease:
         backend = self._backend
         interval = backend.heartbeat
         assert interval is not None
+        lease = backend.lease
+        assert lease is not None
         while True:
             async with self._io:
                 if self._done or self.lost:
                     return
+                # The server ends the session `lease` after the last statement it answered:
+                # a beat still unanswered then means the key may be someone else's already,
+                # so it may only wait what is left of that (not a whole lease from now), less
+                # a tenth for timers and the network. Giving up early never lets two in: the
+                # hold is revoked while the server still keeps the key for it.
+                sent_at = monotonic()
+                left = lease * 0.9 - (sent_at - self._answered_at)
+                if left <= 0:
+                    self._report_lost("expired", "no heartbeat was answered within the lease", None)
+                    return
                 try:
-                    await self._conn.execute("SELECT 1", timeout=backend.lease)
+                    await self._conn.execute("SELECT 1", timeout=left)
                 except Exception as exc:
                     self._report_lost("unreachable", "heartbeat failed", exc)
                     return
+                self._answered_at = sent_at  # the server cannot have ended it before this
             await asyncio.sleep(interval)
 
     def _connection_closed(self) -> None:
