@@ -393,6 +393,23 @@ async def test_a_caller_cancelled_while_subscribing_does_not_cancel_the_next(
     assert await leftovers(raw, namespace) == []
 
 
+async def test_holders_that_never_released_leave_no_fence_behind(
+    make_backend: Callable[..., RedisBackend], raw: Any, namespace: str
+) -> None:
+    """Holders whose process died (no renewal, no RELEASE) one after another on a busy key:
+    each one's own fence in the key's `:m` hash goes once its lease has ended, so the hash
+    keeps only the key's last fence and ticket however often that happens."""
+    backend = make_backend(lease=0.3)
+    meta = backend.redis_keys("k")[3]
+    for _ in range(5):
+        lease = await backend.acquire("k", timeout=5, max_concurrency=1)  # after the last ended
+        lease._let_go()  # the process dies: it stops renewing and never releases
+    last = await backend.acquire("k", timeout=5, max_concurrency=1)
+    await last.release()
+    assert {field.decode() for field in await raw.hkeys(meta)} <= {"fence", "seq"}
+    assert await leftovers(raw, namespace) == []
+
+
 @pytest.fixture
 def dead_url() -> str:
     return f"redis://127.0.0.1:{free_port()}/0"

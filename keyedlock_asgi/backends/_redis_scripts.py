@@ -3,7 +3,8 @@
 Per lock key the scripts use four Redis keys sharing the hash tag `{<namespace>:<key>}` (so they
 live in one Cluster slot), and every one of them expires:
 
-- `:o`  ZSET  holder token -> lease end (ms, server clock). Up to `max_concurrency` members.
+- `:o`  ZSET  holder token -> lease end (ms, server clock). Up to `max_concurrency` members;
+  expires a minute after the last lease ends.
 - `:q`  ZSET  waiter token -> ticket (FIFO order).
 - `:w`  ZSET  waiter token -> liveness deadline (ms, server clock); refreshed by each retry.
 - `:m`  HASH  `fence` (last fencing token), `seq` (last ticket), and each holder's own fence.
@@ -54,8 +55,11 @@ local function prune()
   end
 end
 
--- The holders' key lives as long as its longest lease.
+-- The holders' key outlives its longest lease by a minute, so that an ended lease whose holder
+-- never released it (a crash) is still there for `prune` to find, and its fence in `meta` goes
+-- with it; had `own` expired with the lease, that field would stay as long as the key is used.
 local function keep(ms)
+  ms = ms + 60000
   if redis.call('PTTL', own) < ms then redis.call('PEXPIRE', own, ms) end
 end
 
