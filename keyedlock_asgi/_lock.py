@@ -20,6 +20,7 @@ import asyncio
 import inspect
 import itertools
 import logging
+import math
 import weakref
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
@@ -432,10 +433,14 @@ class Held:
         limit = self._limit
         assert limit is not None
         self._limit = None
-        if error is None:
-            limit.__exit__(None, None, None)
-        else:
-            limit.__exit__(type(error), error, error.__traceback__)
+        try:
+            if error is None:
+                limit.__exit__(None, None, None)
+            else:
+                limit.__exit__(type(error), error, error.__traceback__)
+        except BaseException:
+            limit.deadline = math.inf  # refused, so still open: it must not cancel what follows
+            raise
         return limit.cancelled_caught
 
     @staticmethod
@@ -554,9 +559,11 @@ class Held:
                 if self._inherited is not None:  # handed a key, then cancelled before using it
                     leases.append(self._inherited)
                     self._inherited = None
-                await _release_leases(leases)
-                for key in keys[:taken]:
-                    leave(table, key, self)
+                try:
+                    await _release_leases(leases)
+                finally:  # a native cancellation gets through the engine's release: keys go back
+                    for key in keys[:taken]:
+                        leave(table, key, self)
             raise
         if waited:
             self._waited = perf_counter() - start

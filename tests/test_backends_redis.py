@@ -407,6 +407,15 @@ async def test_holders_that_never_released_leave_no_fence_behind(
     last = await backend.acquire("k", timeout=5, max_concurrency=1)
     await last.release()
     assert {field.decode() for field in await raw.hkeys(meta)} <= {"fence", "seq"}
+    # One more crash, and the holders' set expires (as a minute after the lease would) before
+    # anyone calls: the next call still drops the fence left behind.
+    lease = await backend.acquire("k", timeout=5, max_concurrency=1)
+    lease._let_go()
+    await raw.delete(backend.redis_keys("k")[0])
+    assert lease._token_str.encode() in await raw.hkeys(meta)
+    last = await backend.acquire("k", timeout=5, max_concurrency=1)
+    await last.release()
+    assert {field.decode() for field in await raw.hkeys(meta)} <= {"fence", "seq"}
     assert await leftovers(raw, namespace) == []
 
 

@@ -138,8 +138,9 @@ async def test_bounded_holds_left_out_of_order_still_give_their_keys_back(
 ) -> None:
     """Two `max_hold` holds in one task, left first-in-first-out: anyio refuses to close the
     first one's revoking scope (it is not the innermost), and that error reaches the caller,
-    but only after the key was given back: a later caller gets both keys."""
-    lock = make_lock(max_hold=60)
+    but only after the key was given back: a later caller gets both keys. The scope anyio
+    left open never fires: the task is not cancelled once `max_hold` has passed."""
+    lock = make_lock(max_hold=0.2)
     first, second = lock.hold("a"), lock.hold("b")
     await first.__aenter__()
     await second.__aenter__()
@@ -156,6 +157,7 @@ async def test_bounded_holds_left_out_of_order_still_give_their_keys_back(
     async with anyio.create_task_group() as tg:  # another task: not re-entry
         tg.start_soon(later)
     assert lock.stats() == IDLE
+    await anyio.sleep(0.4)  # past the refused scope's deadline: a cancellation would land here
 
 
 async def test_a_bounded_hold_left_from_another_task_still_gives_its_key_back(

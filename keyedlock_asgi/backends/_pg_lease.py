@@ -71,9 +71,9 @@ class PostgresLease:
         self.key = key
         self.token = token
         self._granted_at = self._answered_at = monotonic()
-        """`_answered_at`: no earlier than the server's last statement on this connection
-        ended (the grant's answer, then each answered beat's sending), where its lease runs
-        from."""
+        """`_answered_at`: when the server's lease on this session began, at the latest: each
+        answered beat's sending (the server ended that statement later). The grant's answer
+        arrives a little after the server ended it, which the heartbeat's margin covers."""
         self.on_lost: Callable[[LeaseLost], object] | None = None
         """Told of the loss right after the backend's `on_lease_lost` (the core revokes)."""
         self.lost = False
@@ -147,6 +147,8 @@ class PostgresLease:
         assert interval is not None
         lease = backend.lease
         assert lease is not None
+        # A tenth of the lease, or half the slack a heartbeat close to the lease leaves.
+        margin = min(lease / 10, (lease - interval) / 2)
         while True:
             async with self._io:
                 if self._done or self.lost:
@@ -154,10 +156,10 @@ class PostgresLease:
                 # The server ends the session `lease` after the last statement it answered:
                 # a beat still unanswered then means the key may be someone else's already,
                 # so it may only wait what is left of that (not a whole lease from now), less
-                # a tenth for timers and the network. Giving up early never lets two in: the
+                # a margin for timers and the network. Giving up early never lets two in: the
                 # hold is revoked while the server still keeps the key for it.
                 sent_at = monotonic()
-                left = lease * 0.9 - (sent_at - self._answered_at)
+                left = lease - margin - (sent_at - self._answered_at)
                 if left <= 0:
                     self._report_lost("expired", "no heartbeat was answered within the lease", None)
                     return

@@ -140,6 +140,13 @@ if previous and previous ~= '' and redis.call('ZREM', own, previous) == 1 then
   redis.call('HDEL', meta, previous)
 end
 prune()
+-- No holder left: a holder's fence still in `meta` is from a hold that ended without RELEASE
+-- after `own` had expired (its process died, and no call came within the minute): drop it.
+if redis.call('ZCARD', own) == 0 and redis.call('HLEN', meta) > 1 then
+  for _, field in ipairs(redis.call('HKEYS', meta)) do
+    if field ~= 'fence' and field ~= 'seq' then redis.call('HDEL', meta, field) end
+  end
+end
 hand_on(slots, claim, meta_ttl, prefix, ARGV[9], token)
 
 -- Already ours (handed on to us, or a retried call whose first reply was lost): same grant,
