@@ -395,9 +395,39 @@ async def test_a_holder_cut_off_from_the_server_is_told_before_the_next_gets_in(
         assert got.token > held.token
         await got.release()
         await b.aclose()
+        await held.release()  # still cut off: the pool's reset gives up after connect_timeout
+        await a.aclose()
     assert order == ["A lost", "B granted"]  # unanswered, or (after a stall) expired
-    await held.release()
-    await a.aclose()
+
+
+@pytest.mark.parametrize("mode", ["session", "transaction"])
+async def test_a_release_cut_off_from_the_server_returns(pg: Any, mode: str) -> None:
+    """A holder releases while a network partition cuts it off: the unlock and the pool's
+    reset wait at most `connect_timeout`, the loss is reported, and the server's lease frees
+    the key for the next holder."""
+    namespace = new_namespace()
+    lost: list[str] = []
+    parts = urlsplit(PG_DSN)
+    async with TcpProxy(parts.port or 5432).running() as proxy:
+        netloc = f"{parts.username or 'postgres'}@127.0.0.1:{proxy.port}"
+        a = PostgresBackend.from_dsn(
+            urlunsplit(parts._replace(netloc=netloc)),
+            namespace=namespace,
+            mode=mode,
+            lease=1.5,
+            connect_timeout=0.5,
+            on_lease_lost=lambda event: lost.append(event.reason),
+        )
+        held = await a.acquire("k", timeout=None, max_concurrency=1)
+        proxy.cut()
+        await held.release()  # returns: without the bound it waited as long as TCP does
+        assert lost == ["unreachable"]
+        b = postgres_backend(namespace, mode=mode, lease=1.5)
+        got = await b.acquire("k", timeout=10, max_concurrency=1)  # once the server's lease ended
+        assert got.token > held.token
+        await got.release()
+        await b.aclose()
+        await a.aclose()
 
 
 async def test_a_native_cancellation_while_undoing_a_failed_hold_releases_everything(

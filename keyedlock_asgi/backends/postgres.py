@@ -348,7 +348,10 @@ class PostgresBackend:
             if clean:
                 pool.push_idle(conn)
                 return
-            await pool.task.result().release(conn)
+            # Bounded: the pool's reset of a connection cut off by the network would wait as
+            # long as TCP does; past the timeout asyncpg closes it (and the server's lease
+            # frees what it held).
+            await pool.task.result().release(conn, timeout=self.connect_timeout)
         except Exception:
             logger.debug("could not return a lock connection to the pool", exc_info=True)
         finally:
@@ -478,11 +481,15 @@ class PostgresBackend:
             raise LockTimeout("the key was not granted within the timeout") from exc
 
     async def _unlock(self, conn: Any, lock_ids: tuple[int, ...], shared: bool) -> bool:
-        """Release a hold on its own connection; True when the server confirms it."""
+        """Release a hold on its own connection; True when the server confirms it. Waits at
+        most `connect_timeout`: a server cut off by the network must not hold up the release
+        (the server's lease frees the key then)."""
+        timeout = self.connect_timeout
         if self.mode == "transaction":
-            await conn.execute("COMMIT")
+            await conn.execute("COMMIT", timeout=timeout)
             return True
-        return bool(await conn.fetchval(session_unlock_sql(shared=shared), list(lock_ids)))
+        sql = session_unlock_sql(shared=shared)
+        return bool(await conn.fetchval(sql, list(lock_ids), timeout=timeout))
 
     # -- errors ---------------------------------------------------------------------------
 
