@@ -13,7 +13,6 @@ import uuid
 from collections.abc import AsyncIterator
 from time import monotonic
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import anyio
 import anyio.lowlevel
@@ -23,7 +22,13 @@ from keyedlock_asgi import BackendUnavailable, KeyedLock, LockBusy, LockTimeout
 from keyedlock_asgi.backends import _pg_wire
 from keyedlock_asgi.backends.postgres import LeaseLost, PostgresBackend, PostgresLease, key_id
 from tests.support.engine_pgbouncer import ROUTES, routed_backend
-from tests.support.engine_postgres import PG_DSN, postgres_backend, require_postgres
+from tests.support.engine_postgres import (
+    PG_DSN,
+    postgres_backend,
+    postgres_backend_via,
+    postgres_server_port,
+    require_postgres,
+)
 from tests.support.loop_thread import LoopThread
 from tests.support.server import free_port
 from tests.support.tcp_proxy import TcpProxy
@@ -368,12 +373,10 @@ async def test_a_holder_cut_off_from_the_server_is_told_before_the_next_gets_in(
     before anyone else holds the key."""
     namespace = new_namespace()
     order: list[str] = []
-    parts = urlsplit(PG_DSN)
-    async with TcpProxy(parts.port or 5432).running() as proxy:
-        netloc = f"{parts.username or 'postgres'}@127.0.0.1:{proxy.port}"
-        a = PostgresBackend.from_dsn(
-            urlunsplit(parts._replace(netloc=netloc)),
-            namespace=namespace,
+    async with TcpProxy(postgres_server_port()).running() as proxy:
+        a = postgres_backend_via(
+            proxy.port,
+            namespace,
             mode=mode,
             lease=3.0,  # a margin of 0.3 s: a loop stall shorter than that cannot reorder
             heartbeat=0.5,
@@ -407,12 +410,10 @@ async def test_a_release_cut_off_from_the_server_returns(pg: Any, mode: str) -> 
     the key for the next holder."""
     namespace = new_namespace()
     lost: list[str] = []
-    parts = urlsplit(PG_DSN)
-    async with TcpProxy(parts.port or 5432).running() as proxy:
-        netloc = f"{parts.username or 'postgres'}@127.0.0.1:{proxy.port}"
-        a = PostgresBackend.from_dsn(
-            urlunsplit(parts._replace(netloc=netloc)),
-            namespace=namespace,
+    async with TcpProxy(postgres_server_port()).running() as proxy:
+        a = postgres_backend_via(
+            proxy.port,
+            namespace,
             mode=mode,
             lease=1.5,
             connect_timeout=0.5,

@@ -31,7 +31,7 @@ from tests.support.engine_redis import (  # noqa: F401 (the fixtures are used by
     redis_raw,
 )
 from tests.support.lockwatch import Timeline
-from tests.support.route_guard import FORMS, answer, build_app, expected
+from tests.support.route_guard import FORMS, answer, build_app, expected, hook_that_blocks
 from tests.support.route_guard import client as route_client
 from tests.support.server import free_port
 from tests.support.waiting import wait_until
@@ -345,12 +345,7 @@ async def test_a_request_cancelled_in_its_on_acquired_hook_frees_the_redis_key(
     and in Redis, and the next request on the key runs."""
     lock = KeyedLock(backend=make_backend(), timeout=5)  # a stranded key fails B, not hangs
     log: list[str] = []
-    in_hook = anyio.Event()
-
-    async def acquired(scope: Any, held: Any) -> None:
-        if dict(scope["headers"])[b"x-name"] == b"A":
-            in_hook.set()
-            await anyio.sleep_forever()
+    acquired, in_hook = hook_that_blocks("A")
 
     async def endpoint(request: Request) -> Response:
         log.append(request.headers["x-name"])

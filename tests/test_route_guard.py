@@ -34,6 +34,7 @@ from tests.support.route_guard import (
     client,
     expected,
     held_elsewhere,
+    hook_that_blocks,
 )
 from tests.support.waiting import wait_until
 
@@ -607,12 +608,7 @@ async def test_a_request_cancelled_in_its_on_acquired_hook_leaves_the_key_free(
     ran, and the next request on the key runs (within its timeout: a stranded key fails it)."""
     lock = KeyedLock()
     log: list[str] = []
-    in_hook = anyio.Event()
-
-    async def acquired(scope: Any, held: Any) -> None:
-        if dict(scope["headers"])[b"x-name"] == b"A":
-            in_hook.set()
-            await anyio.sleep_forever()
+    acquired, in_hook = hook_that_blocks("A")
 
     async def endpoint(request: Request) -> Response:
         log.append(request.headers["x-name"])

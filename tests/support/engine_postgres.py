@@ -9,7 +9,7 @@ import functools
 import os
 import socket
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 from keyedlock_asgi.backends.postgres import PostgresBackend
 
@@ -45,6 +45,19 @@ def postgres_backend(namespace: str, **options: Any) -> PostgresBackend:
     """A backend on the test server under a namespace of its own."""
     require_postgres()
     return PostgresBackend.from_dsn(PG_DSN, namespace=namespace, **options)
+
+
+def postgres_backend_via(port: int, namespace: str, **options: Any) -> PostgresBackend:
+    """`postgres_backend`, reaching the test server through 127.0.0.1:`port` (a proxy)."""
+    require_postgres()
+    parts = urlsplit(PG_DSN)
+    dsn = urlunsplit(parts._replace(netloc=f"{parts.username or 'postgres'}@127.0.0.1:{port}"))
+    return PostgresBackend.from_dsn(dsn, namespace=namespace, **options)
+
+
+def postgres_server_port() -> int:
+    """The test server's port (what a proxy in front of it forwards to)."""
+    return urlsplit(PG_DSN).port or 5432
 
 
 def postgres_engine(namespace: str) -> PostgresBackend:

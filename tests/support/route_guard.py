@@ -83,6 +83,19 @@ def build_app(
     return app
 
 
+def hook_that_blocks(name: str) -> tuple[Callable[[Any, Any], Awaitable[None]], anyio.Event]:
+    """An `on_acquired` hook that never returns for the request named `name` (its `x-name`
+    header), and the event it sets once that request is inside it."""
+    inside = anyio.Event()
+
+    async def acquired(scope: Any, held: Any) -> None:
+        if dict(scope["headers"])[b"x-name"] == name.encode():
+            inside.set()
+            await anyio.sleep_forever()
+
+    return acquired, inside
+
+
 def client(app: Any) -> httpx.AsyncClient:
     """An in-process client; app exceptions become 500 answers, as a server would send."""
     transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
